@@ -1,0 +1,1 @@
+"""Baseline erasure methods (ESD, SDD, Ablating Concepts, Forget-Me-Not), registered into erasure.registry."""

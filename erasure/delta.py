@@ -1,0 +1,73 @@
+"""Erased weights as a delta: only the trained parameters, in safetensors, with metadata naming the base.
+
+Metadata: ``base_model``, ``base_fingerprint`` (see :attr:`Models.fingerprint`), ``method``, ``params``,
+``iterations`` and ``format``. A delta applied to a base whose fingerprint differs is refused.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import UserError
+
+FORMAT = "erasure-delta/1"
+
+
+def atomic_path(path: Path):
+    """A temporary file in ``path``'s folder; the caller renames it into place with os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_delta(path: str | Path, params: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    path = Path(path)
+    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in params.items()}
+    meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    tmp = atomic_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "delta.safetensors"
+    if not path.is_file():
+        raise UserError(f"no delta at '{path}': pass a run folder that holds delta.safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"'{path}' is not a readable safetensors delta ({exc}): re-run training or copy the file again") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not an erasure delta (format {meta.get('format')!r}, expected {FORMAT!r})")
+    return tensors, meta
+
+
+def apply_delta(unet: torch.nn.Module, base_fingerprint: str, path: str | Path) -> dict[str, str]:
+    """Copy a delta's tensors into ``unet`` after checking it was trained on this base model."""
+    tensors, meta = read_delta(path)
+    if meta.get("base_fingerprint") != base_fingerprint:
+        raise UserError(
+            f"delta '{path}' was trained on base model {meta.get('base_model')!r} (fingerprint {meta.get('base_fingerprint')}), "
+            f"but the loaded base has fingerprint {base_fingerprint}: load the same base model the delta was trained on")
+    named = dict(unet.named_parameters())
+    for name, value in tensors.items():
+        if name not in named or named[name].shape != value.shape:
+            raise UserError(f"delta '{path}' has parameter '{name}' that does not fit this UNet: it belongs to another architecture")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            named[name].copy_(value.to(named[name].device, named[name].dtype))
+    return meta

@@ -1,0 +1,41 @@
+"""Image helpers: atomic PNG writes and labelled grids."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .delta import atomic_path
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG atomically (temporary name, then rename): a kill never leaves a truncated file."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, col_labels: list[str] | None = None,
+         pad: int = 2) -> Image.Image:
+    """Images in a grid, with optional text labels on the left and on top."""
+    h = max(im.height for r in rows for im in r)
+    w = max(im.width for r in rows for im in r)
+    left = 8 + 6 * max((len(s) for s in row_labels), default=0) if row_labels else 0
+    top = 14 if col_labels else 0
+    ncols = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (left + ncols * (w + pad), top + len(rows) * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(col_labels or []):
+        draw.text((left + j * (w + pad) + 2, 1), label, fill="black")
+    for i, row in enumerate(rows):
+        if row_labels:
+            draw.text((2, top + i * (h + pad) + h // 2 - 5), row_labels[i], fill="black")
+        for j, im in enumerate(row):
+            canvas.paste(im, (left + j * (w + pad), top + i * (h + pad)))
+    return canvas

@@ -1,0 +1,106 @@
+"""What a method plugs into the shared trainer: a config schema, a default parameter subset and a loss.
+
+A method subclasses :class:`ErasureMethod`, declares ``Config`` (a dataclass: the schema of its
+``conf/method/<name>.yaml``) and implements :meth:`ErasureMethod.training_step`, returning its loss
+terms. Everything else (seeding, device, optimizer, loop, logging, previews, saving) is the trainer's.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError
+from .models import Models
+from .teacher import Teacher
+
+
+@dataclasses.dataclass
+class BaseMethodConfig:
+    """Keys every method config has (the trainer reads them)."""
+
+    name: str = "???"
+    iterations: int = 200  # default number of optimizer steps (trainer.iterations defaults to this)
+    lr: float = 1e-5  # AdamW learning rate
+    adam_eps: float = 1e-8
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # torch defaults
+    weight_decay: float = 0.0
+    grad_clip: float | None = None  # max gradient norm, or null for none
+
+
+@dataclasses.dataclass
+class TrainContext:
+    """What the trainer hands a method."""
+
+    models: Models
+    trainable: dict[str, torch.nn.Parameter]  # the student's trained parameters (live in models.unet)
+    teacher: Teacher  # frozen theta*, sharing all other weights with the student
+    concept: DictConfig
+    cfg: DictConfig  # the whole composed config
+    generator: torch.Generator  # CPU generator for all of the method's randomness (seeded by trainer.seed)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.models.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.models.device
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        return self.models.encode_text(texts)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator).to(self.device)
+
+    def randint(self, low: int, high: int) -> int:
+        """An integer in [low, high)."""
+        return int(torch.randint(low, high, (1,), generator=self.generator))
+
+
+class ErasureMethod:
+    """Base class of every erasure method."""
+
+    name: str = ""
+    Config: type = BaseMethodConfig
+    default_params: str = "to_out"  # documentation; the yaml's defaults list selects conf/params/<this>
+
+    def __init__(self, cfg: Any, ctx: TrainContext):
+        self.cfg = cfg
+        self.ctx = ctx
+
+    @classmethod
+    def parse_config(cls, node: DictConfig) -> Any:
+        """Check a method config against the schema; returns a typed, read-only config."""
+        try:
+            resolved = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config), resolved))
+        except OmegaConfBaseException as exc:
+            raise UserError(f"invalid method config for '{cls.name}': {str(exc).splitlines()[0]}") from None
+        cls.validate(cfg)
+        return cfg
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        if cfg.iterations < 1:
+            raise UserError(f"method.iterations must be at least 1, got {cfg.iterations}")
+        if cfg.lr <= 0:
+            raise UserError(f"method.lr must be positive, got {cfg.lr}")
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the optimizer updates."""
+        return list(self.ctx.trainable.values())
+
+    def training_step(self, step: int) -> dict[str, torch.Tensor]:
+        """Loss terms for one iteration; key ``loss`` is the total that is back-propagated."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after each optimizer step (e.g. an EMA update)."""
+
+    def export_params(self) -> dict[str, torch.Tensor]:
+        """The weights that make the erased model (saved in the delta and used for previews)."""
+        return {name: p.detach() for name, p in self.ctx.trainable.items()}

@@ -1,0 +1,164 @@
+"""All but One (Hong, Lee, Woo; AAAI 2024): surgical concept erasing with model preservation.
+
+Algorithm 1 of the paper with the explicit erasing signal (Eq. 12-13, "Explicit Erasing Signal"):
+
+* z_t is sampled with the frozen teacher theta* (Algorithm 1, lines 3-10):
+  eps_hat = eps*(z, ∅) + gamma1 (eps*(z, c) - eps*(z, ∅)) + delta(C_I, z, theta*), DDIM (eta = 0), T steps,
+  stopped at t ~ U{1..T}.
+* concept loss (Algorithm 1, line 11):
+  || gamma2 (eps_theta(z_t, c) - sg[eps_theta(z_t, ∅)]) - (gamma1 (eps*(z_t, c) - eps*(z_t, ∅)) + delta) ||^2
+* penalty (Eq. 12, Algorithm 1, line 12): lambda || eps_theta(z_t, ∅) - eps*(z_t, ∅) ||^2.
+* delta = sum over instruction concepts c'' of g_c'' * beta * (eps*(z, c'') - eps*(z, ∅)), where beta keeps
+  the elements at or above the kappa-th percentile of |eps*(z, c'') - eps*(z, ∅)| per sample and channel over
+  the spatial positions (SEGA's implementation: diffusers' pipeline_semantic_stable_diffusion.py,
+  ``torch.quantile(abs(guidance).flatten(start_dim=2), threshold, dim=2)``), and is zero outside the concept's
+  step window and before the warm-up.
+
+Sign of delta: Algorithm 1 adds delta to the guidance target (line 11) and to the sampling epsilon (line 7);
+Eq. 13 prints "- gamma1(...) + delta" inside the norm, i.e. the opposite sign on delta. We follow Algorithm 1,
+which is consistent with how z_t is sampled.
+
+Norms: ||.||^2 is implemented as the mean of squared elements (as torch's MSELoss and every baseline's code do);
+this only rescales the loss, i.e. the learning rate, identically for both terms.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .method import BaseMethodConfig, ErasureMethod
+from .registry import register
+from .sampling import eps_all, sample_to_step
+from .teacher import student_eps
+
+
+@dataclasses.dataclass
+class OursConfig(BaseMethodConfig):
+    name: str = "ours"
+    iterations: int = 200  # paper, Training Setup: "200 steps of update"
+    lr: float = 1e-5  # paper, Training Setup: AdamW, learning rate 1e-5
+    adam_eps: float = 1e-8  # paper, Training Setup: adam epsilon 1.0e-8
+    weight_decay: float = 0.01  # not stated in the paper: torch.optim.AdamW's default
+    gamma1: float = 7.5  # paper, Training Setup: gamma1 = gamma2 = 7.5
+    gamma2: float = 7.5
+    T: int = 35  # paper, Training Setup: DDIM with T = 35
+    warmup: int = 5  # paper, Training Setup: t_warmup = 5 (in steps taken from x_T; see conf/method/ours.yaml)
+    lam: float = 5.0  # paper, Training Setup: lambda = 5 (interpolated from the top-level `lambda`)
+    signal: str = "explicit"  # the erasing signal delta: explicit (instruction concepts) or none
+
+
+def concept_and_penalty(eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_target: torch.Tensor,
+                        teacher_u: torch.Tensor, gamma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two loss terms of Eq. 12 / Algorithm 1 lines 11-12.
+
+    ``eps_c``/``eps_u``: student epsilon at z_t for the target prompt / the empty prompt (with gradient).
+    ``guidance_target``: gamma1 (eps*(z_t, c) - eps*(z_t, ∅)) + delta. ``teacher_u``: eps*(z_t, ∅).
+    The stop-gradient on the student's unconditional term keeps the concept loss from moving it;
+    only the penalty does.
+    """
+    concept = F.mse_loss(gamma2 * (eps_c - eps_u.detach()), guidance_target)
+    penalty = F.mse_loss(eps_u, teacher_u)
+    return concept, penalty
+
+
+def percentile_mask(d: torch.Tensor, kappa: float) -> torch.Tensor:
+    """beta: True where |d| is at or above its kappa-quantile, per sample and channel over space (SEGA)."""
+    mag = d.abs()
+    threshold = torch.quantile(mag.flatten(start_dim=2).float(), kappa, dim=2)
+    return mag >= threshold[:, :, None, None].to(mag.dtype)
+
+
+def instruction_delta(steps_taken: int, eps_u: torch.Tensor, eps_instr: list[torch.Tensor],
+                      instructions: list[dict], warmup: int) -> torch.Tensor | None:
+    """delta(C_I, z, theta*) at a point ``steps_taken`` denoising steps from x_T.
+
+    ``instructions``: dicts with ``guidance`` g, ``kappa`` and the step window ``lo``..``hi`` (inclusive).
+    Returns None where no instruction concept is active.
+    """
+    delta = None
+    if steps_taken < warmup:
+        return None
+    for inst, eps_i in zip(instructions, eps_instr):
+        if not inst["lo"] <= steps_taken <= inst["hi"]:
+            continue
+        d = eps_i - eps_u
+        term = inst["guidance"] * d * percentile_mask(d, inst["kappa"])
+        delta = term if delta is None else delta + term
+    return delta
+
+
+def resolve_window(window, T: int) -> tuple[int, int]:
+    """A window given as fractions of T, floored (the paper writes floor(0.35 T) .. floor(T))."""
+    lo, hi = (math.floor(float(f) * T) for f in window)
+    return lo, hi
+
+
+@register("ours")
+class AllButOne(ErasureMethod):
+    Config = OursConfig
+    default_params = "to_out"  # paper, Supplementary "Parameter Selection"
+
+    @classmethod
+    def validate(cls, cfg: OursConfig) -> None:
+        super().validate(cfg)
+        if cfg.lam < 0:
+            raise UserError(f"lambda must be >= 0 (the paper's Eq. 10 requires lambda >= 0), got {cfg.lam}")
+        if cfg.T < 2:
+            raise UserError(f"method.T (DDIM steps) must be at least 2, got {cfg.T}")
+        if cfg.signal not in ("explicit", "none"):
+            raise UserError(f"method.signal must be 'explicit' or 'none', got '{cfg.signal}'")
+
+    def __init__(self, cfg: OursConfig, ctx):
+        super().__init__(cfg, ctx)
+        concept = ctx.concept
+        targets = list(concept.targets)
+        self.instructions = []
+        if cfg.signal == "explicit":
+            for inst in concept.get("instructions", []) or []:
+                lo, hi = resolve_window(inst.window, cfg.T)
+                self.instructions.append(dict(text=str(inst.text), guidance=float(inst.guidance),
+                                              kappa=float(inst.kappa), lo=lo, hi=hi))
+        self.emb_uncond = ctx.embed([""])
+        self.emb_targets = ctx.embed(targets)
+        self.emb_instr = ctx.embed([i["text"] for i in self.instructions]) if self.instructions else None
+        self.targets = targets
+
+    def _conds(self, target_index: int) -> list[torch.Tensor]:
+        conds = [self.emb_uncond, self.emb_targets[target_index: target_index + 1]]
+        if self.emb_instr is not None:
+            conds += list(self.emb_instr.split(1))
+        return conds
+
+    def delta(self, steps_taken: int, eps: list[torch.Tensor]) -> torch.Tensor | None:
+        return instruction_delta(steps_taken, eps[0], eps[2:], self.instructions, self.cfg.warmup)
+
+    def teacher_targets(self, step: int) -> dict[str, torch.Tensor]:
+        """Algorithm 1, lines 3-10 and the teacher half of line 11: everything that uses theta* only."""
+        ctx, cfg = self.ctx, self.cfg
+        t = ctx.randint(1, cfg.T + 1)  # line 3: t ~ U{1..T}
+        target_index = ctx.randint(0, len(self.targets))  # line 3: c_s ~ C_s
+        x_T = ctx.randn(1, *ctx.models.latent_shape)  # line 3: x_T ~ N(0, I)
+        steps_taken = cfg.T - t
+        conds = self._conds(target_index)
+        z_t, timestep = sample_to_step(ctx.teacher, ctx.models.scheduler, x_T, conds, steps_taken, cfg.T,
+                                       cfg.gamma1, extra=self.delta)
+        with torch.no_grad():
+            eps = eps_all(ctx.teacher, z_t, timestep, conds)
+            guidance_target = cfg.gamma1 * (eps[1] - eps[0])
+            delta = self.delta(steps_taken, eps)
+            if delta is not None:
+                guidance_target = guidance_target + delta
+        return dict(z_t=z_t, timestep=timestep, target_index=target_index, guidance_target=guidance_target,
+                    teacher_u=eps[0])
+
+    def training_step(self, step: int) -> dict[str, torch.Tensor]:
+        b = self.teacher_targets(step)
+        emb_c = self.emb_targets[b["target_index"]: b["target_index"] + 1]
+        eps_c, eps_u = eps_all(lambda x, t, e: student_eps(self.ctx.unet, x, t, e), b["z_t"], b["timestep"],
+                               [emb_c, self.emb_uncond])
+        concept, penalty = concept_and_penalty(eps_c, eps_u, b["guidance_target"], b["teacher_u"], self.cfg.gamma2)
+        return {"loss": concept + self.cfg.lam * penalty, "concept": concept, "penalty": penalty}

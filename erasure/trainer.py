@@ -1,0 +1,184 @@
+"""The one shared trainer. A method supplies its loss; the trainer owns everything else.
+
+Seeding, device and dtype, the trainable subset and the frozen teacher, AdamW, the loop with a
+progress bar, metrics.jsonl, the logger, preview grids (the paper's iteration timelines) and saving
+the delta. It never branches on a method's name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import hydra.utils
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from . import registry
+from .delta import atomic_path, save_delta
+from .errors import UserError
+from .images import grid, save_png
+from .loggers import make_logger
+from .method import TrainContext
+from .models import Models, load_models
+from .params import count, select_params
+from .teacher import Teacher, swapped_params
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def validate(cfg: DictConfig):
+    """Check the whole config before any model loads; returns (method class, typed method config)."""
+    method_cls = registry.get_method(str(cfg.method.name))
+    method_cfg = method_cls.parse_config(cfg.method)
+    tr = cfg.trainer
+    if int(tr.iterations) < 1:
+        raise UserError(f"trainer.iterations must be at least 1, got {tr.iterations}")
+    targets = list(cfg.concept.get("targets") or [])
+    if not targets or any(not str(t).strip() for t in targets):
+        raise UserError(f"concept '{cfg.concept.get('name')}' has no target text: set concept.targets to a list of prompts")
+    for inst in cfg.concept.get("instructions") or []:
+        if not 0 < float(inst.kappa) <= 1:
+            raise UserError(f"instruction concept '{inst.text}' has kappa {inst.kappa}: kappa must be in (0, 1]")
+        lo, hi = (float(x) for x in inst.window)
+        if not 0 <= lo <= hi <= 1:
+            raise UserError(f"instruction concept '{inst.text}' has window {list(inst.window)}: use fractions of T with 0 <= low <= high <= 1")
+    return method_cls, method_cfg
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Previews:
+    """Fixed prompts x seeds sampled at intervals: the iteration timeline of a run."""
+
+    def __init__(self, models: Models, cfg: DictConfig, out_dir: Path):
+        self.models = models
+        self.prompts = list(cfg.concept.get("preview_prompts") or cfg.concept.targets)
+        self.seeds = list(cfg.trainer.preview_seeds)
+        self.steps = int(cfg.model.sample_steps)
+        self.guidance = float(cfg.model.guidance)
+        self.out_dir = out_dir
+        self.columns: list[tuple[int, list]] = []
+
+    @torch.no_grad()
+    def __call__(self, step: int, params: dict[str, torch.Tensor]) -> Path:
+        pipe = self.models.pipeline(scheduler=self.models.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        with swapped_params(self.models.unet, params):
+            for prompt in self.prompts:
+                for seed in self.seeds:
+                    g = torch.Generator("cpu").manual_seed(int(seed))
+                    images.append(pipe(prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                                       generator=g, height=self.models.resolution, width=self.models.resolution).images[0])
+        self.columns.append((step, images))
+        labels = [f"{p[:24]} #{s}" for p in self.prompts for s in self.seeds]
+        path = save_png(grid([[im] for im in images], row_labels=labels, col_labels=[f"it {step}"]),
+                        self.out_dir / f"step_{step:06d}.png")
+        return path
+
+    def timeline(self, path: Path) -> Path | None:
+        if not self.columns:
+            return None
+        n = len(self.columns[0][1])
+        rows = [[col[1][i] for col in self.columns] for i in range(n)]
+        labels = [f"{p[:24]} #{s}" for p in self.prompts for s in self.seeds]
+        return save_png(grid(rows, row_labels=labels, col_labels=[f"it {s}" for s, _ in self.columns]), path)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> Path:
+    """Run one erasure job; writes config.yaml, metrics.jsonl, samples/, timeline.png, delta.safetensors, summary.json."""
+    run_dir = Path(run_dir)
+    method_cls, method_cfg = validate(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    tr = cfg.trainer
+    seed_everything(int(tr.seed))
+    models = load_models(cfg.model, str(tr.device))
+    base_fingerprint = models.fingerprint
+    trainable = select_params(models.unet, cfg.params)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    teacher = Teacher(models.unet, trainable)
+    n_unet = sum(p.numel() for p in models.unet.parameters())
+    log.info("training %s: %.2fM of %.2fM UNet parameters (params=%s); the teacher holds only a frozen copy of those "
+             "(%.1f MB instead of %.1f MB for a full UNet copy)", method_cls.name, count(trainable) / 1e6, n_unet / 1e6,
+             cfg.params.name, teacher.numel() * 4 / 2**20, n_unet * 4 / 2**20)
+
+    generator = torch.Generator("cpu").manual_seed(int(tr.seed))
+    ctx = TrainContext(models=models, trainable=trainable, teacher=teacher, concept=cfg.concept, cfg=cfg,
+                       generator=generator)
+    method = method_cls(method_cfg, ctx)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=method_cfg.lr, betas=tuple(method_cfg.adam_betas),
+                                  eps=method_cfg.adam_eps, weight_decay=method_cfg.weight_decay)
+    logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir)
+
+    iterations = int(tr.iterations)
+    every = int(tr.preview_every) if tr.preview_every else 0
+    previews = Previews(models, cfg, run_dir / "samples")
+    if every:
+        logger.log_image("preview", previews(0, method.export_params()), 0)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    start = time.perf_counter()
+    with open(metrics_path, "w") as metrics_file, tqdm(range(1, iterations + 1), desc=f"erasing ({method_cls.name})",
+                                                        dynamic_ncols=True, disable=None) as bar:
+        for step in bar:
+            terms = method.training_step(step)
+            for name, value in terms.items():
+                if not torch.isfinite(value).all():
+                    raise UserError(f"loss term '{name}' became {value.item()} at step {step}: lower the learning rate "
+                                    f"(method.lr) or check the inputs; the run stopped")
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            terms = {k: v.detach() for k, v in terms.items()}
+            if method_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(method.parameters(), method_cfg.grad_clip)
+            optimizer.step()
+            method.after_step(step)
+            record = {"step": step, **{k: v.item() for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"]}
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            logger.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
+            bar.set_postfix(loss=f"{record['loss']:.4g}")
+            if every and (step % every == 0 or step == iterations):
+                logger.log_image("preview", previews(step, method.export_params()), step)
+    train_time = time.perf_counter() - start
+
+    meta = dict(base_model=models.source, base_fingerprint=base_fingerprint, model=cfg.model.name,
+                method=method_cls.name, params=cfg.params.name, iterations=iterations, seed=int(tr.seed),
+                concept=str(cfg.concept.name))
+    save_delta(run_dir / "delta.safetensors", method.export_params(), meta)
+    timeline = previews.timeline(run_dir / "timeline.png")
+    summary = {**meta, "train_time_s": round(train_time, 3), "s_per_it": round(train_time / iterations, 5),
+               "trainable_parameters": count(trainable), "final": {k: v for k, v in record.items() if k != "step"}}
+    if cfg.model.get("probe"):
+        # A model tier may name a probe (model.probe = "module:function") that measures erasure on that
+        # model right after training, e.g. the toy world's detector rates; its numbers join summary.json.
+        probe = hydra.utils.get_method(str(cfg.model.probe).replace(":", "."))
+        summary.update(probe(models=models, cfg=cfg, base_params=teacher.params, erased_params=method.export_params()))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    logger.summary({"train_time_s": summary["train_time_s"], **{f"final/{k}": v for k, v in summary["final"].items()}})
+    logger.finish()
+    log.info("done in %.1f s (%.3f s/it); run folder: %s%s", train_time, train_time / iterations, run_dir,
+             f"; timeline: {timeline}" if timeline else "")
+    return run_dir

@@ -1,0 +1,1 @@
+"""Evaluation: image generation, metrics registry and Table-1 reports."""
