@@ -1,0 +1,40 @@
+"""Shared fixtures: Hydra-composed configs and a tiny random SD-architecture model (built offline)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def compose_cfg(overrides: list[str] | None = None, config_name: str = "train"):
+    """The config `python -m erasure.train <overrides>` would see (without Hydra's runtime keys)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return compose_cfg(["model=tiny", "concept=nudity"])
+
+
+@pytest.fixture()
+def tiny_models(tiny_cfg):
+    from erasure.models import load_models
+
+    return load_models(tiny_cfg.model, "cpu")
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,53 @@
+"""The commands users type, run as users run them (subprocesses)."""
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import run_cli
+
+FAST = ["model=tiny", "concept=nudity", "trainer.preview_every=0", "method.T=6"]
+
+
+def test_train_end_to_end_on_tiny(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(["-m", "erasure.train", "model=tiny", "method=ours", "concept=nudity", "trainer.iterations=2",
+                 f"hydra.run.dir={run}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("config.yaml", "delta.safetensors", "metrics.jsonl", "summary.json", "timeline.png"):
+        assert (run / name).is_file(), name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    g = run_cli(["-m", "erasure.generate", f"run={run}", "prompt=a photo of a cat", "seed=3", "n=2"])
+    assert g.returncode == 0, g.stderr[-2000:]
+    assert sorted(p.name for p in (run / "generated").iterdir()) == ["a_photo_of_a_cat_seed3.png", "a_photo_of_a_cat_seed4.png"]
+
+
+def test_multirun_lambda_sweep_leaves_one_folder_per_job(tmp_path):
+    r = run_cli(["-m", "erasure.train", "-m", "lambda=0,1,5", *FAST, "trainer.iterations=1",
+                 f"hydra.sweep.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted(p for p in tmp_path.iterdir() if (p / "delta.safetensors").is_file())
+    assert len(runs) == 3
+    lams = sorted(OmegaConf.load(p / "config.yaml").method.lam for p in runs)
+    assert lams == [0.0, 1.0, 5.0]
+    for p in runs:
+        final = json.loads((p / "summary.json").read_text())["final"]
+        assert final["loss"] == pytest.approx(final["concept"] + OmegaConf.load(p / "config.yaml").method.lam * final["penalty"], rel=1e-5)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("method=nosuch", "unknown method 'nosuch'"),
+    ("params=nosuch", "unknown parameter subset 'nosuch'"),
+    ("lambda=-1", "lambda must be >= 0"),
+    ("trainer.iterations=0", "iterations must be at least 1"),
+    ("model=nosuch", "unknown model 'nosuch'"),
+    ("concept.targets=[]", "has no target text"),
+])
+def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, override, words):
+    run = tmp_path / "run"
+    r = run_cli(["-m", "erasure.train", *FAST, override, f"hydra.run.dir={run}"])
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert words in lines[0] and "Traceback" not in r.stderr
+    assert not (run / "delta.safetensors").exists()

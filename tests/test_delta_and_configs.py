@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from erasure.delta import apply_delta, read_delta, save_delta
+from erasure.errors import UserError
+from erasure.trainer import train
+from tests.conftest import CONF, compose_cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "trainer.iterations=2", "trainer.preview_every=1",
+                       "method.T=6", "method.lr=1e-3", "trainer.preview_seeds=[0]"])
+    train(cfg, run)
+    return run
+
+
+def test_run_folder_contents(tiny_run):
+    for name in ("config.yaml", "delta.safetensors", "metrics.jsonl", "summary.json", "timeline.png",
+                 "samples/step_000000.png", "samples/step_000001.png", "samples/step_000002.png"):
+        assert (tiny_run / name).is_file(), name
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r) >= {"concept", "penalty", "loss", "lr"}
+        assert r["loss"] == pytest.approx(r["concept"] + 5.0 * r["penalty"], rel=1e-5)
+    cfg = OmegaConf.load(tiny_run / "config.yaml")
+    assert cfg.method.lam == 5.0  # resolved, not "${lambda}"
+    tensors, meta = read_delta(tiny_run)
+    assert meta["method"] == "ours" and meta["params"] == "to_out" and meta["model"] == "tiny"
+    assert tensors and all(".to_out." in n for n in tensors)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["train_time_s"] > 0
+
+
+def test_delta_reloads_into_a_fresh_pipeline_to_identical_weights(tiny_run):
+    from erasure.generate import load_run
+
+    tensors, meta = read_delta(tiny_run)
+    _, models = load_run(tiny_run, "cpu")
+    pipe = models.pipeline()
+    named = dict(pipe.unet.named_parameters())
+    for name, value in tensors.items():
+        assert torch.equal(named[name].detach(), value)
+    # and it really differs from the base it was trained from
+    _, base = load_run(tiny_run, "cpu", base=True)
+    base_named = dict(base.unet.named_parameters())
+    assert any(not torch.equal(base_named[n], v) for n, v in tensors.items())
+    assert base.fingerprint == meta["base_fingerprint"]
+
+
+def test_delta_on_another_base_is_refused(tiny_run):
+    from erasure.models import load_models
+
+    other = load_models(compose_cfg(["model=tiny", "model.seed=7"]).model, "cpu")
+    with pytest.raises(UserError, match="fingerprint"):
+        apply_delta(other.unet, other.fingerprint, tiny_run / "delta.safetensors")
+
+
+def test_delta_write_is_atomic_and_corrupt_file_is_refused(tmp_path):
+    path = save_delta(tmp_path / "d.safetensors", {"a": torch.ones(2)}, {"base_fingerprint": "x"})
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]  # no temporary left behind
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        read_delta(path)
+
+
+@pytest.mark.parametrize("group", sorted(p.name for p in CONF.iterdir() if p.is_dir()))
+def test_every_config_file_composes(group):
+    from erasure import registry
+
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = compose_cfg([f"{group}={option}"])
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        if group == "method":
+            registry.get_method(cfg.method.name).parse_config(cfg.method)
+
+
+def test_method_yaml_matches_its_schema_defaults():
+    from erasure import registry
+
+    for option in sorted(p.stem for p in (CONF / "method").glob("*.yaml")):
+        cfg = compose_cfg([f"method={option}"])
+        cls = registry.get_method(cfg.method.name)
+        parsed = cls.parse_config(cfg.method)
+        schema = cls.Config()
+        for key in OmegaConf.to_container(cfg.method, resolve=False):
+            if key in ("lam",):
+                continue
+            assert getattr(parsed, key) == pytest.approx(getattr(schema, key)) if isinstance(getattr(schema, key), float) \
+                else getattr(parsed, key) == getattr(schema, key), f"{option}.{key}: yaml and schema disagree"

@@ -1,0 +1,122 @@
+"""All-but-One loss terms, the erasing signal delta, and one training step, against hand computations."""
+import math
+
+import pytest
+import torch
+
+from erasure.ours import OursConfig, concept_and_penalty, instruction_delta, percentile_mask, resolve_window
+from erasure.params import select_params
+from tests.conftest import compose_cfg
+
+
+def test_concept_loss_and_penalty_by_hand():
+    # 1x1x1x2 tensors, small enough to do on paper
+    eps_c = torch.tensor([[[[1.0, 2.0]]]])
+    eps_u = torch.tensor([[[[0.5, -1.0]]]])
+    target = torch.tensor([[[[3.0, 10.0]]]])
+    teacher_u = torch.tensor([[[[0.0, 0.0]]]])
+    concept, penalty = concept_and_penalty(eps_c, eps_u, target, teacher_u, gamma2=2.0)
+    # gamma2*(eps_c - eps_u) = [1, 6]; minus target = [-2, -4]; mean of squares = (4 + 16) / 2
+    assert concept.item() == pytest.approx(10.0)
+    # (0.25 + 1) / 2
+    assert penalty.item() == pytest.approx(0.625)
+
+
+def test_no_gradient_flows_through_the_students_unconditional_branch_of_the_concept_loss():
+    eps_c = torch.randn(1, 4, 3, 3, requires_grad=True)
+    eps_u = torch.randn(1, 4, 3, 3, requires_grad=True)
+    concept, _ = concept_and_penalty(eps_c, eps_u, torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3), 7.5)
+    concept.backward()
+    assert eps_u.grad is None
+    assert eps_c.grad is not None and eps_c.grad.abs().sum() > 0
+
+
+def test_lambda_changes_the_gradient_by_exactly_the_penalty_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(8, requires_grad=True)
+    x_c, x_u = torch.randn(8), torch.randn(8)
+    target, teacher_u = torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2)
+
+    def grad(lam, penalty_only=False):
+        eps_c, eps_u = (w * x_c).view(1, 2, 2, 2), (w * x_u).view(1, 2, 2, 2)
+        concept, penalty = concept_and_penalty(eps_c, eps_u, target, teacher_u, 7.5)
+        loss = penalty if penalty_only else concept + lam * penalty
+        return torch.autograd.grad(loss, w)[0]
+
+    torch.testing.assert_close(grad(5.0) - grad(0.0), 5.0 * grad(0, penalty_only=True), rtol=1e-5, atol=1e-6)
+
+
+def test_percentile_mask_keeps_the_expected_fraction_per_sample_and_channel():
+    torch.manual_seed(0)
+    d = torch.randn(2, 4, 10, 10)
+    mask = percentile_mask(d, 0.95)
+    # per (sample, channel): 100 distinct values, quantile 0.95 interpolates between the 95th and 96th
+    # smallest |d|, so exactly the 5 largest are kept
+    assert torch.equal(mask.flatten(2).sum(-1), torch.full((2, 4), 5))
+    top5 = d.abs().flatten(2).topk(5, dim=-1).indices
+    kept = mask.flatten(2).nonzero()
+    for b in range(2):
+        for c in range(4):
+            idx = kept[(kept[:, 0] == b) & (kept[:, 1] == c)][:, 2]
+            assert set(idx.tolist()) == set(top5[b, c].tolist())
+
+
+def test_delta_window_warmup_and_sum_by_hand():
+    T = 35
+    lo, hi = resolve_window([0.35, 1.0], T)
+    assert (lo, hi) == (math.floor(0.35 * 35), 35) == (12, 35)
+    eps_u = torch.zeros(1, 1, 2, 2)
+    e1 = torch.tensor([[[[1.0, -4.0], [2.0, 3.0]]]])
+    e2 = torch.tensor([[[[0.5, 0.5], [0.5, 8.0]]]])
+    inst = [dict(guidance=-7.5, kappa=0.5, lo=12, hi=35), dict(guidance=6.5, kappa=1.0, lo=20, hi=35)]
+    # outside the window of both, or before warm-up: nothing
+    assert instruction_delta(11, eps_u, [e1, e2], inst, warmup=5) is None
+    assert instruction_delta(12, eps_u, [e1, e2], inst, warmup=13) is None
+    # at 12 only the first concept is active; kappa 0.5 over |[1,4,2,3]| -> quantile 2.5 -> keeps 4 and 3
+    d12 = instruction_delta(12, eps_u, [e1, e2], inst, warmup=5)
+    torch.testing.assert_close(d12, torch.tensor([[[[0.0, 30.0], [0.0, -22.5]]]]))
+    # at 25 both; kappa 1.0 keeps only the max |.| (8.0)
+    d25 = instruction_delta(25, eps_u, [e1, e2], inst, warmup=5)
+    torch.testing.assert_close(d25, torch.tensor([[[[0.0, 30.0], [0.0, -22.5 + 52.0]]]]))
+
+
+def _method(overrides=()):
+    from erasure.method import TrainContext
+    from erasure.models import load_models
+    from erasure.ours import AllButOne
+    from erasure.teacher import Teacher
+
+    cfg = compose_cfg(["model=tiny", "concept=nudity", *overrides])
+    models = load_models(cfg.model, "cpu")
+    trainable = select_params(models.unet, cfg.params)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    teacher = Teacher(models.unet, trainable)
+    mcfg = AllButOne.parse_config(cfg.method)
+    ctx = TrainContext(models=models, trainable=trainable, teacher=teacher, concept=cfg.concept, cfg=cfg,
+                       generator=torch.Generator().manual_seed(0))
+    return AllButOne(mcfg, ctx), models, trainable, teacher
+
+
+def test_one_optimizer_step_changes_only_the_subset_and_not_the_teacher():
+    method, models, trainable, teacher = _method(["method.T=6", "method.lr=1e-2"])
+    before = {n: p.detach().clone() for n, p in models.unet.named_parameters()}
+    frozen = {n: p.clone() for n, p in teacher.params.items()}
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-2)
+    losses = method.training_step(1)
+    assert set(losses) == {"loss", "concept", "penalty"}
+    losses["loss"].backward()
+    opt.step()
+    changed = {n for n, p in models.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set(trainable)
+    assert all(".to_out." in n for n in changed)
+    for n, p in teacher.params.items():
+        assert torch.equal(p, frozen[n])
+
+
+def test_config_defaults_are_the_papers():
+    cfg = OursConfig()
+    assert (cfg.iterations, cfg.lr, cfg.adam_eps, cfg.gamma1, cfg.gamma2, cfg.T, cfg.warmup, cfg.lam) == \
+        (200, 1e-5, 1e-8, 7.5, 7.5, 35, 5, 5.0)
+    composed = compose_cfg([]).method
+    assert composed.lam == 5.0 and composed.T == 35 and composed.iterations == 200

@@ -1,0 +1,81 @@
+"""sample_to_step against two independent routes: diffusers' own pipeline loop, and the DDIM formula by hand."""
+import pytest
+import torch
+
+from erasure.sampling import ddim_timesteps, eps_all, sample_to_step
+from erasure.teacher import Teacher
+from erasure.params import select_params
+from tests.conftest import compose_cfg
+
+
+def _unet_fn(unet):
+    return lambda x, t, e: unet(x, t, encoder_hidden_states=e).sample
+
+
+@pytest.mark.parametrize("stop", [1, 4, 9])
+def test_sample_to_step_equals_the_diffusers_pipeline(tiny_models, stop):
+    m = tiny_models
+    T, g = 10, 7.5
+    x_T = torch.randn(1, *m.latent_shape, generator=torch.Generator().manual_seed(3))
+    conds = [m.encode_text([""]), m.encode_text(["a photo of a cat"])]
+    ours, t_at = sample_to_step(_unet_fn(m.unet), m.scheduler, x_T, conds, stop, T, g)
+
+    captured = {}
+
+    def grab(pipe, i, t, kw):
+        captured[i] = kw["latents"].clone()
+        return kw
+
+    pipe = m.pipeline(scheduler=m.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a photo of a cat", num_inference_steps=T, guidance_scale=g, latents=x_T.clone(), output_type="latent",
+         height=m.resolution, width=m.resolution, callback_on_step_end=grab)
+    # the pipeline's callback after step index i holds the latents after i+1 steps
+    torch.testing.assert_close(ours, captured[stop - 1], rtol=1e-5, atol=1e-5)
+    assert int(t_at) == int(m.scheduler.timesteps[stop])
+
+
+def test_one_ddim_step_by_hand(tiny_models):
+    m = tiny_models
+    T = 35
+    x_T = torch.randn(1, *m.latent_shape, generator=torch.Generator().manual_seed(0))
+    conds = [m.encode_text([""]), m.encode_text(["nudity"])]
+    z1, _ = sample_to_step(_unet_fn(m.unet), m.scheduler, x_T, conds, 1, T, 3.0)
+    ts = ddim_timesteps(m.scheduler, T)
+    # SD v1.4 settings: steps_offset=1, 1000 train steps, 35 inference steps -> ratio 28, first t = 34*28+1
+    assert int(ts[0]) == 34 * 28 + 1 and int(ts[1]) == 33 * 28 + 1
+    with torch.no_grad():
+        eu, ec = eps_all(_unet_fn(m.unet), x_T, ts[0], conds)
+    eps = eu + 3.0 * (ec - eu)
+    ac = m.scheduler.alphas_cumprod
+    a_t, a_prev = ac[int(ts[0])], ac[int(ts[1])]
+    x0 = (x_T - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(z1, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_steps_is_x_T_and_range_is_checked(tiny_models):
+    m = tiny_models
+    x_T = torch.randn(1, *m.latent_shape)
+    conds = [m.encode_text([""]), m.encode_text(["x"])]
+    z, t = sample_to_step(_unet_fn(m.unet), m.scheduler, x_T, conds, 0, 35, 7.5)
+    assert torch.equal(z, x_T) and int(t) == 953
+    with pytest.raises(ValueError):
+        sample_to_step(_unet_fn(m.unet), m.scheduler, x_T, conds, 35, 35, 7.5)
+
+
+def test_teacher_swaps_in_frozen_params_without_copying_the_unet(tiny_models):
+    m = tiny_models
+    trainable = select_params(m.unet, compose_cfg(["params=to_out"]).params)
+    teacher = Teacher(m.unet, trainable)
+    x = torch.randn(1, *m.latent_shape)
+    e = m.encode_text(["a"])
+    before = teacher(x, 500, e)
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.05)
+    # the student moved, the teacher did not
+    student = m.unet(x, 500, encoder_hidden_states=e).sample
+    assert not torch.allclose(student, before)
+    torch.testing.assert_close(teacher(x, 500, e), before)
+    assert teacher.numel() == sum(p.numel() for p in trainable.values()) < sum(p.numel() for p in m.unet.parameters()) / 10
