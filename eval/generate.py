@@ -1,0 +1,158 @@
+"""One image generator for every metric, with an on-disk cache.
+
+Images live in ``<cache>/<model key>/<sampler key>/<case>_s<seed>_<prompt hash>.png``:
+
+- model key: the base UNet's fingerprint (``Models.fingerprint``), plus ``+<sha256 of the delta file>``
+  for an erased model. Base-model images are therefore made once and shared by every method's SSIM.
+- sampler key: scheduler class and config, steps and resolution (hashed; ``sampler.json`` beside the images).
+- file name: case number and seed, plus a hash of the prompt and its guidance.
+
+Every row gets its own seeded ``torch.Generator`` (its latent does not depend on the batch it falls in),
+rows are batched, and each PNG is written atomically (:func:`erasure.images.save_png`): a killed run
+leaves complete files only and the next run generates just the missing ones.
+
+CLI (resume/debug): ``python -m eval.generate run=<run folder> set=<prompt set> [base=true] [suite=...]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from erasure.errors import UserError
+from erasure.images import save_png
+
+from .prompts import PromptRow
+
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: str | Path, digits: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:digits]
+
+
+def model_key(base_fingerprint: str, delta_path: str | Path | None = None) -> str:
+    """Cache key of a model: base fingerprint, plus the delta file's sha256 for an erased model."""
+    return base_fingerprint if delta_path is None else f"{base_fingerprint}+{sha256_file(delta_path)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    scheduler: object  # a diffusers scheduler (the model's generation scheduler by default)
+    steps: int
+    guidance: float  # default guidance for rows without their own
+    resolution: int
+    batch_size: int = 8
+
+    @property
+    def key(self) -> str:
+        desc = self.describe()
+        digest = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return f"{desc['scheduler']}-{self.steps}st-{self.resolution}px-{digest}"
+
+    def describe(self) -> dict:
+        config = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
+        return dict(scheduler=type(self.scheduler).__name__, scheduler_config=config, steps=self.steps,
+                    resolution=self.resolution)
+
+
+def make_sampler(models, model_cfg, sampler_cfg) -> Sampler:
+    """Sampler settings: the suite's values where set, else the model config's (sample_steps, guidance)."""
+    scheduler = models.generation_scheduler if models.generation_scheduler is not None else models.scheduler
+    steps = sampler_cfg.get("steps") or model_cfg.get("sample_steps")
+    guidance = sampler_cfg.get("guidance")
+    guidance = guidance if guidance is not None else model_cfg.get("guidance", 7.5)
+    resolution = sampler_cfg.get("resolution") or models.resolution
+    return Sampler(scheduler=scheduler, steps=int(steps), guidance=float(guidance), resolution=int(resolution),
+                   batch_size=int(sampler_cfg.get("batch_size", 8)))
+
+
+def image_name(row: PromptRow, guidance: float) -> str:
+    h = hashlib.sha1(f"{row.prompt}\x00{guidance:g}".encode()).hexdigest()[:10]
+    return f"{row.case:06d}_s{row.seed}_{h}.png"
+
+
+def image_paths(folder: Path, rows: list[PromptRow], sampler: Sampler) -> list[Path]:
+    return [folder / image_name(r, r.guidance if r.guidance is not None else sampler.guidance) for r in rows]
+
+
+def cache_folder(cache_dir: str | Path, key: str, sampler: Sampler) -> Path:
+    folder = Path(cache_dir) / key / sampler.key
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = folder / "sampler.json"
+    if not meta.exists():
+        meta.write_text(json.dumps(sampler.describe(), indent=2, sort_keys=True, default=str) + "\n")
+    return folder
+
+
+@torch.no_grad()
+def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler, desc: str = "generating") -> dict:
+    """Make the images of ``rows`` that ``folder`` lacks; returns {"generated": k, "cached": m, "paths": [...]}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = image_paths(folder, rows, sampler)
+    todo = [(r, p) for r, p in zip(rows, paths) if not p.is_file()]
+    if todo:
+        pipe = models.pipeline(scheduler=sampler.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        by_guidance: dict[float, list] = {}
+        for r, p in todo:
+            by_guidance.setdefault(r.guidance if r.guidance is not None else sampler.guidance, []).append((r, p))
+        start = time.perf_counter()
+        with tqdm(total=len(todo), desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
+            for guidance, items in by_guidance.items():
+                for i in range(0, len(items), sampler.batch_size):
+                    chunk = items[i:i + sampler.batch_size]
+                    gens = [torch.Generator("cpu").manual_seed(int(r.seed)) for r, _ in chunk]
+                    out = pipe([r.prompt for r, _ in chunk], num_inference_steps=sampler.steps, guidance_scale=guidance,
+                               generator=gens, height=sampler.resolution, width=sampler.resolution)
+                    for image, (_, p) in zip(out.images, chunk):
+                        save_png(image, p)
+                    bar.update(len(chunk))
+        log.info("%s: %d images in %.1f s (%d were cached) -> %s", desc, len(todo), time.perf_counter() - start,
+                 len(rows) - len(todo), folder)
+    return dict(generated=len(todo), cached=len(rows) - len(todo), paths=paths)
+
+
+def load_images(paths: list[Path]) -> np.ndarray:
+    """uint8 N×H×W×3 array of PNG files."""
+    if not paths:
+        raise UserError("no images to load")
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def main(argv: list[str]) -> None:
+    from erasure.cli import setup_logging
+    from erasure.errors import exit_on_user_error
+
+    from .run import compose_eval_cfg, Evaluation
+
+    @exit_on_user_error
+    def body():
+        setup_logging()
+        args = dict(a.split("=", 1) for a in argv if "=" in a)
+        if "set" not in args or "run" not in args:
+            raise UserError("usage: python -m eval.generate run=<run folder> set=<prompt set> [base=true] [suite=...]")
+        name = args.pop("set")
+        cfg = compose_eval_cfg([f"{k}={v}" for k, v in args.items()])
+        ev = Evaluation.from_cfg(cfg)
+        ev.images(name)
+
+    body()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
