@@ -1,0 +1,258 @@
+"""Baselines (ESD, SDD, Ablating Concepts, Forget-Me-Not): loss terms by hand, parameter subsets, the
+SDD EMA teacher, Ablating's prior term, FMN's attention capture, and two end-to-end iterations each."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from baselines.ablating import AblatingConfig, ablation_and_prior, lr_scale, target_prompt
+from baselines.esd import esd_loss
+from baselines.fmn import concept_positions, resteering_loss
+from baselines.sdd import ema_update, sdd_loss
+from erasure.delta import read_delta
+from erasure.method import TrainContext
+from erasure.models import load_models
+from erasure.params import select_params
+from erasure.teacher import Teacher
+from erasure.trainer import seed_everything, train, validate
+from tests.conftest import compose_cfg
+
+# tiny anchor / reference sets so that the methods that generate images start in well under a second
+SMALL = {
+    "esd": ["method.ddim_steps=4"],
+    "sdd": ["method.ddim_steps=4"],
+    "ablating": ["method.num_anchor_images=4", "method.anchor_steps=2", "method.batch_size=2"],
+    "fmn": ["method.num_reference_images=2", "method.reference_steps=2"],
+}
+
+
+def build(method: str, extra: list[str] = ()):
+    """What erasure.trainer.train sets up before its loop: the method on the tiny model, and its context."""
+    cfg = compose_cfg(["model=tiny", f"method={method}", *SMALL[method], *extra])
+    method_cls, mcfg = validate(cfg)
+    seed_everything(0)
+    models = load_models(cfg.model, "cpu")
+    trainable = select_params(models.unet, cfg.params)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    ctx = TrainContext(models=models, trainable=trainable, teacher=Teacher(models.unet, trainable),
+                       concept=cfg.concept, cfg=cfg, generator=torch.Generator().manual_seed(0))
+    return method_cls(mcfg, ctx), ctx, cfg
+
+
+# ---------------------------------------------------------------- losses against hand computations
+
+def test_esd_loss_by_hand():
+    student = torch.tensor([[[[1.0, 2.0]]]])
+    teacher_u = torch.tensor([[[[0.5, 0.0]]]])
+    teacher_c = torch.tensor([[[[1.0, 1.0]]]])
+    # eta = 1: target = u - (c - u) = [0, -1]; errors [1, 3]; mean square (1 + 9) / 2
+    assert esd_loss(student, teacher_u, teacher_c, eta=1.0).item() == pytest.approx(5.0)
+    # eta = 2: target = [0.5 - 1, 0 - 2] = [-0.5, -2]; errors [1.5, 4]; (2.25 + 16) / 2
+    assert esd_loss(student, teacher_u, teacher_c, eta=2.0).item() == pytest.approx(9.125)
+
+
+def test_sdd_loss_by_hand_and_stop_gradient_on_the_unconditional_branch():
+    u = torch.tensor([[[[1.0, -1.0]]]], requires_grad=True)
+    c = torch.tensor([[[[2.0, 1.0]]]], requires_grad=True)
+    loss = sdd_loss(u, c)
+    assert loss.item() == pytest.approx((1 + 4) / 2)
+    loss.backward()
+    assert u.grad is None
+    torch.testing.assert_close(c.grad, torch.tensor([[[[1.0, 2.0]]]]))  # d/dc mean((c-u)^2) = (c-u)
+
+
+def test_sdd_ema_update_matches_its_formula():
+    ema = {"w": torch.tensor([1.0, 2.0])}
+    ema_update(ema, {"w": torch.tensor([3.0, 6.0])}, decay=0.9)
+    torch.testing.assert_close(ema["w"], torch.tensor([1.2, 2.4]))  # 0.9*1 + 0.1*3, 0.9*2 + 0.1*6
+    ema_update(ema, {"w": torch.tensor([0.0, 0.0])}, decay=0.5)
+    torch.testing.assert_close(ema["w"], torch.tensor([0.6, 1.2]))
+
+
+def test_ablating_losses_by_hand():
+    # B=1, C=2, H=1, W=2: the ablation term sums squares over channels and averages over space
+    pred = torch.tensor([[[[1.0, 2.0]], [[0.0, 1.0]]]])
+    anchor = torch.tensor([[[[0.0, 0.0]], [[0.0, 3.0]]]])
+    pred_prior = torch.tensor([[[[1.0, 1.0]], [[1.0, 1.0]]]])
+    noise = torch.tensor([[[[0.0, 1.0]], [[3.0, 1.0]]]])
+    ablation, prior = ablation_and_prior(pred, anchor, pred_prior, noise)
+    # squared errors: ch0 [1, 4], ch1 [0, 4] -> per position [1, 8] -> mean 4.5 (= C x element mean 2.25)
+    assert ablation.item() == pytest.approx(4.5)
+    assert prior.item() == pytest.approx((1 + 0 + 4 + 0) / 4)
+    assert ablation_and_prior(pred, anchor, None, None)[1] is None
+
+
+def test_ablating_lr_scaling_and_captions():
+    assert lr_scale(AblatingConfig(batch_size=4, prior_preservation=True)) == 8
+    assert lr_scale(AblatingConfig(batch_size=4, prior_preservation=False)) == 4
+    assert lr_scale(AblatingConfig(scale_lr=False)) == 1
+    rng = np.random.default_rng(0)
+    assert target_prompt("caption", "a man", "nudity", rng) == "nudity"
+    assert target_prompt("object", "a robot on the moon", "robot+r2d2", rng) == "a r2d2 on the moon"
+    styles = {target_prompt("style", "a house", "van gogh", rng) for _ in range(40)}
+    assert styles == {"a house, in the style of van gogh", "in van gogh's style, a house"}
+
+
+def test_fmn_positions_and_loss_by_hand():
+    ids = [49406, 320, 1125, 539, 5, 6, 49407, 49407, 49407]
+    pos = concept_positions(ids, [5, 6], eot_id=49407, use_pooler=False)
+    assert pos.tolist() == [False] * 4 + [True, True] + [False] * 3
+    pooled = concept_positions(ids, [5, 6], eot_id=49407, use_pooler=True)
+    assert pooled.tolist() == [False] * 4 + [True] * 5  # every <|endoftext|>, padding included
+    # two layers, batch 1 x 2 heads, keys 3, concept at key 1
+    a = torch.tensor([[[0.2, 0.6, 0.2]], [[0.5, 0.3, 0.2]]])  # 1 query
+    b = torch.tensor([[[0.0, 1.0, 0.0], [0.9, 0.0, 0.1]], [[0.4, 0.4, 0.2], [0.1, 0.2, 0.7]]])  # 2 queries
+    loss = resteering_loss([a, b], torch.tensor([[False, True, False]]))
+    assert loss.item() == pytest.approx(math.sqrt(0.36 + 0.09 + 1.0 + 0.0 + 0.16 + 0.04))
+
+
+# ---------------------------------------------------------------- subsets, teachers, terms on the tiny model
+
+@pytest.mark.parametrize("method,params", [("esd", "noxattn"), ("esd", "xattn"), ("sdd", "xattn"),
+                                           ("ablating", "attn_qkv"), ("fmn", "xattn")])
+def test_an_optimizer_step_moves_exactly_the_chosen_subset(method, params):
+    m, ctx, cfg = build(method, [f"params={params}", "method.lr=1e-3"])
+    before = {n: p.detach().clone() for n, p in ctx.unet.named_parameters()}
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m.training_step(1)["loss"].backward()
+    with_grad = {n for n, p in ctx.unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad and with_grad <= set(ctx.trainable)
+    opt.step()
+    changed = {n for n, p in ctx.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == with_grad
+    if params == "noxattn":  # ESD-u leaves cross-attention, the time embedding and the output layers alone
+        assert not any("attn2" in n or n.startswith(("time_embedding", "conv_out", "conv_norm_out")) for n in changed)
+    if params in ("xattn", "attn_qkv"):
+        pattern = "attn2." if params == "xattn" else (".to_q.", ".to_k.", ".to_v.")
+        assert all(any(p in n for p in ([pattern] if isinstance(pattern, str) else pattern)) for n in changed)
+    # the frozen teacher theta* still holds the base weights
+    for n, p in ctx.teacher.params.items():
+        torch.testing.assert_close(p, before[n])
+
+
+def test_esd_sampler_option_samples_with_the_chosen_model():
+    m, ctx, _ = build("esd", ["method.ddim_steps=3"])
+    ctx.randint = lambda low, high: high - 1  # first target, and the last DDIM step: z_t is 2 steps from x_T
+    state = ctx.generator.get_state()
+
+    def loss_with(sampler):
+        m.cfg.sampler = sampler
+        ctx.generator.set_state(state)
+        with torch.no_grad():
+            return m.training_step(1)["loss"].item()
+
+    assert loss_with("student") == loss_with("teacher")  # identical models before any update
+    with torch.no_grad():
+        for p in ctx.trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+    assert loss_with("student") != pytest.approx(loss_with("teacher"), rel=1e-3)
+
+
+def test_sdd_teacher_is_the_ema_of_the_student_and_is_what_is_exported():
+    m, ctx, _ = build("sdd", ["method.lr=1e-3", "method.ema_decay=0.9"])
+    base = {n: p.detach().clone() for n, p in ctx.trainable.items()}
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
+    expected = {n: v.clone() for n, v in base.items()}
+    for step in (1, 2):
+        opt.zero_grad()
+        m.training_step(step)["loss"].backward()
+        opt.step()
+        m.after_step(step)
+        expected = {n: 0.9 * expected[n] + 0.1 * ctx.trainable[n].detach() for n in expected}
+    exported = m.export_params()
+    for n in expected:
+        torch.testing.assert_close(exported[n], expected[n])
+    assert any(not torch.allclose(exported[n], ctx.trainable[n]) for n in exported)  # not the student
+    for n, p in ctx.teacher.params.items():  # the trainer's theta* stays the base
+        torch.testing.assert_close(p, base[n])
+
+
+def test_ablating_prior_preservation_term_is_present_and_weighted():
+    def terms(extra):
+        m, ctx, _ = build("ablating", extra)
+        with torch.no_grad():
+            return m.training_step(1)
+
+    w0, w2 = terms(["method.prior_loss_weight=0"]), terms(["method.prior_loss_weight=2.5"])
+    assert w0["prior"].item() > 0
+    torch.testing.assert_close(w2["prior"], w0["prior"])
+    torch.testing.assert_close(w2["ablation"], w0["ablation"])
+    torch.testing.assert_close(w2["loss"], w0["ablation"] + 2.5 * w0["prior"])
+    off = terms(["method.prior_preservation=false"])
+    assert "prior" not in off and torch.equal(off["loss"], off["ablation"])
+
+
+def test_ablating_scaled_lr_reaches_the_optimizer(tmp_path):
+    cfg = compose_cfg(["model=tiny", "method=ablating"])
+    assert validate(cfg)[1].lr == pytest.approx(4e-6 * 4 * 2)
+
+
+def _attention_mass(m, ctx, z, t):
+    """Summed attention probability on the concept's word tokens over all attn2 layers, heads and queries."""
+    with torch.no_grad(), m.recorder.recording(ctx.unet):
+        ctx.unet(z, t, encoder_hidden_states=m.emb)
+        probs = list(m.recorder.probs)
+    heads = [p.shape[0] for p in probs]
+    return sum(p[:, :, m.positions[0]].sum().item() for p in probs), probs, heads
+
+
+def test_fmn_capture_is_exact_restores_the_processors_and_lowers_the_concept_attention():
+    m, ctx, _ = build("fmn", ["method.use_pooler=false", "params=xattn"])
+    # "a photo of nudity": positions 4.. hold the BPE tokens of "nudity" (after <start>, a, photo, of)
+    word = ctx.models.tokenizer("nudity", add_special_tokens=False).input_ids
+    assert m.positions[0].nonzero().flatten().tolist() == list(range(4, 4 + len(word)))
+    z, t = m.latents[:1] + 0.3 * torch.randn(1, *ctx.models.latent_shape), torch.tensor([500])
+    kinds = {n: type(p) for n, p in ctx.unet.attn_processors.items()}
+    with torch.no_grad():
+        plain = ctx.unet(z, t, encoder_hidden_states=m.emb).sample
+        with m.recorder.recording(ctx.unet):
+            captured = ctx.unet(z, t, encoder_hidden_states=m.emb).sample
+    torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-5)  # the capture does not change the UNet
+    assert {n: type(p) for n, p in ctx.unet.attn_processors.items()} == kinds
+    mass0, probs, _ = _attention_mass(m, ctx, z, t)
+    n_attn2 = sum(1 for n in kinds if ".attn2." in n)
+    assert len(probs) == n_attn2
+    for p in probs:  # probabilities over the 77 keys
+        torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:2]))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for step in range(1, 6):
+        opt.zero_grad()
+        loss = m.training_step(step)["loss"]
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    mass1, _, _ = _attention_mass(m, ctx, z, t)
+    assert mass1 < 0.9 * mass0, (mass0, mass1)  # measured: 183 -> 144 on the seed-0 tiny model
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------- end to end through the shared trainer
+
+DEFAULT_PARAMS = {"esd": "noxattn", "sdd": "xattn", "ablating": "attn_qkv", "fmn": "full"}
+
+
+@pytest.mark.parametrize("method", ["esd", "sdd", "ablating", "fmn"])
+def test_two_iterations_end_to_end(method, tmp_path):
+    cfg = compose_cfg(["model=tiny", f"method={method}", *SMALL[method], "trainer.iterations=2",
+                       "trainer.preview_every=0"])
+    run = train(cfg, tmp_path / method)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == method and summary["iterations"] == 2
+    assert summary["params"] == DEFAULT_PARAMS[method]  # the method yaml's default parameter subset
+    assert summary["train_time_s"] > 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    tensors, meta = read_delta(run)
+    models = load_models(cfg.model, "cpu")
+    assert set(tensors) == set(select_params(models.unet, cfg.params))
+    base = dict(models.unet.named_parameters())
+    moved = max((tensors[n] - base[n].detach()).abs().max().item() for n in tensors)
+    assert moved > 0
+    if method == "sdd":
+        # the delta is the EMA teacher: after 2 AdamW steps of ~lr = 1e-5 the student has moved ~1e-5 per
+        # weight, the EMA (decay 0.999) only ~1e-3 of that
+        assert moved < 1e-7
