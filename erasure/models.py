@@ -154,6 +154,42 @@ def build_tiny(cfg) -> dict[str, Any]:
                 scheduler=scheduler, generation_scheduler=scheduler, source="built-in tiny (random weights)")
 
 
+def build_sd14_random(cfg) -> dict[str, Any]:
+    """SD v1.4's exact UNet / VAE / CLIP ViT-L/14 text-encoder architecture with random weights.
+
+    Configs as in CompVis/stable-diffusion-v1-4 (unet/, vae/, text_encoder/ config.json). No download:
+    for faithful speed and memory measurements, and for parameter counts. Never a stand-in for SD's results.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import build_clip_tokenizer
+
+    unet = _seeded(cfg.seed, lambda: UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8,
+    ))
+    vae = _seeded(cfg.seed + 1, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, sample_size=512,
+    ))
+    text_encoder = _seeded(cfg.seed + 2, lambda: CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    )))
+    # SD v1.4 ships a PNDM scheduler (scheduler/scheduler_config.json) with the same noise schedule
+    generation = PNDMScheduler(**{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("clip_sample",)},
+                               skip_prk_steps=True)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
+                scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), generation_scheduler=generation,
+                source="SD v1.4 architecture, random weights")
+
+
 def _pretrained_location(cfg) -> str:
     path = str(cfg.path)
     if path.startswith("pkg://"):  # a folder shipped inside this package, e.g. pkg://erasure/toyworld/model
@@ -207,7 +243,7 @@ def _load_scheduler(location: str, kw: dict):
     return cls.from_config(sched_config)
 
 
-BUILDERS = {"tiny": build_tiny, "pretrained": load_pretrained}
+BUILDERS = {"tiny": build_tiny, "sd14_random": build_sd14_random, "pretrained": load_pretrained}
 
 
 def load_models(model_cfg, device: str | torch.device = "auto") -> Models:
