@@ -11,7 +11,6 @@ help: ## list the targets
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
 	# Offline model parts shipped in wheels (../shared/OFFLINE.md): the CLIP BPE vocabulary and the
