@@ -94,9 +94,31 @@ class ErasureMethod:
         """Parameters the optimizer updates."""
         return list(self.ctx.trainable.values())
 
+    def learning_rate(self) -> float:
+        """The optimizer's learning rate; a method may derive it from its config (e.g. scale it by its batch size)."""
+        return float(self.cfg.lr)
+
+    # Teacher work in bulk (trainer.teacher_batch > 1). A method whose iteration splits into
+    #   draw(step)          -> the iteration's randomness, drawn from ctx.generator (e.g. x_T, t, target),
+    #   teacher_work(draws) -> what the frozen teacher computes from it, for a list of iterations at once,
+    #   student_loss(work)  -> the loss terms (no randomness, no teacher sampling),
+    # sets supports_teacher_bank = True: the trainer then draws the randomness of the next n iterations in
+    # the order the one-at-a-time loop would, and computes their teacher work in one batch. Methods whose
+    # sampler depends on the student (SDD, ESD with student sampling) keep supports_teacher_bank = False.
+    supports_teacher_bank: bool = False
+
+    def draw(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def teacher_work(self, draws: list[dict]) -> list[dict]:
+        raise NotImplementedError
+
+    def student_loss(self, work: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def training_step(self, step: int) -> dict[str, torch.Tensor]:
         """Loss terms for one iteration; key ``loss`` is the total that is back-propagated."""
-        raise NotImplementedError
+        return self.student_loss(self.teacher_work([self.draw(step)])[0])
 
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. an EMA update)."""

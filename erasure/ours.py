@@ -127,38 +127,47 @@ class AllButOne(ErasureMethod):
         self.emb_instr = ctx.embed([i["text"] for i in self.instructions]) if self.instructions else None
         self.targets = targets
 
-    def _conds(self, target_index: int) -> list[torch.Tensor]:
-        conds = [self.emb_uncond, self.emb_targets[target_index: target_index + 1]]
-        if self.emb_instr is not None:
-            conds += list(self.emb_instr.split(1))
-        return conds
+    supports_teacher_bank = True  # Algorithm 1, lines 3-10 use theta* only
 
     def delta(self, steps_taken: int, eps: list[torch.Tensor]) -> torch.Tensor | None:
         return instruction_delta(steps_taken, eps[0], eps[2:], self.instructions, self.cfg.warmup)
 
-    def teacher_targets(self, step: int) -> dict[str, torch.Tensor]:
-        """Algorithm 1, lines 3-10 and the teacher half of line 11: everything that uses theta* only."""
-        ctx, cfg = self.ctx, self.cfg
-        t = ctx.randint(1, cfg.T + 1)  # line 3: t ~ U{1..T}
-        target_index = ctx.randint(0, len(self.targets))  # line 3: c_s ~ C_s
-        x_T = ctx.randn(1, *ctx.models.latent_shape)  # line 3: x_T ~ N(0, I)
-        steps_taken = cfg.T - t
-        conds = self._conds(target_index)
-        z_t, timestep = sample_to_step(ctx.teacher, ctx.models.scheduler, x_T, conds, steps_taken, cfg.T,
-                                       cfg.gamma1, extra=self.delta)
-        with torch.no_grad():
-            eps = eps_all(ctx.teacher, z_t, timestep, conds)
-            guidance_target = cfg.gamma1 * (eps[1] - eps[0])
-            delta = self.delta(steps_taken, eps)
-            if delta is not None:
-                guidance_target = guidance_target + delta
-        return dict(z_t=z_t, timestep=timestep, target_index=target_index, guidance_target=guidance_target,
-                    teacher_u=eps[0])
+    def draw(self, step: int) -> dict:
+        """Algorithm 1, line 3: t ~ U{1..T}, c_s ~ C_s, x_T ~ N(0, I) (in this order, from the run's generator)."""
+        ctx = self.ctx
+        t = ctx.randint(1, self.cfg.T + 1)
+        target_index = ctx.randint(0, len(self.targets))
+        x_T = ctx.randn(1, *ctx.models.latent_shape)
+        return dict(t=t, target_index=target_index, x_T=x_T)
 
-    def training_step(self, step: int) -> dict[str, torch.Tensor]:
-        b = self.teacher_targets(step)
-        emb_c = self.emb_targets[b["target_index"]: b["target_index"] + 1]
-        eps_c, eps_u = eps_all(lambda x, t, e: student_eps(self.ctx.unet, x, t, e), b["z_t"], b["timestep"],
+    @torch.no_grad()
+    def teacher_work(self, draws: list[dict]) -> list[dict]:
+        """Algorithm 1, lines 4-10 and the teacher half of line 11, for several iterations in one batch."""
+        ctx, cfg = self.ctx, self.cfg
+        x_T = torch.cat([d["x_T"] for d in draws])
+        steps = [cfg.T - d["t"] for d in draws]
+        index = torch.tensor([d["target_index"] for d in draws], device=ctx.device)
+        conds = [self.emb_uncond, self.emb_targets[index]]
+        if self.emb_instr is not None:
+            conds += list(self.emb_instr.split(1))
+        z_t, timesteps = sample_to_step(ctx.teacher, ctx.models.scheduler, x_T, conds, steps, cfg.T, cfg.gamma1,
+                                        extra=self.delta)
+        eps = eps_all(ctx.teacher, z_t, timesteps, conds)
+        guidance_target = cfg.gamma1 * (eps[1] - eps[0])
+        work = []
+        for i, d in enumerate(draws):
+            target = guidance_target[i: i + 1]
+            delta = self.delta(steps[i], [e[i: i + 1] for e in eps])  # the window depends on each sample's step
+            if delta is not None:
+                target = target + delta
+            work.append(dict(z_t=z_t[i: i + 1], timestep=timesteps[i], target_index=d["target_index"],
+                             guidance_target=target, teacher_u=eps[0][i: i + 1]))
+        return work
+
+    def student_loss(self, work: dict) -> dict[str, torch.Tensor]:
+        """Algorithm 1, lines 11-12: one student forward on [z_t; z_t] x [c; ∅]."""
+        emb_c = self.emb_targets[work["target_index"]: work["target_index"] + 1]
+        eps_c, eps_u = eps_all(lambda x, t, e: student_eps(self.ctx.unet, x, t, e), work["z_t"], work["timestep"],
                                [emb_c, self.emb_uncond])
-        concept, penalty = concept_and_penalty(eps_c, eps_u, b["guidance_target"], b["teacher_u"], self.cfg.gamma2)
+        concept, penalty = concept_and_penalty(eps_c, eps_u, work["guidance_target"], work["teacher_u"], self.cfg.gamma2)
         return {"loss": concept + self.cfg.lam * penalty, "concept": concept, "penalty": penalty}

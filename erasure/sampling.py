@@ -7,6 +7,10 @@ in one batched call.
 Step counting: ``steps_taken`` is the number of denoising steps taken from pure noise x_T
 (0 = x_T itself). The paper's training step t ~ U{1..T} (Algorithm 1, line 3) maps to
 ``steps_taken = T - t``; z_t then lives at the scheduler timestep ``timesteps[T - t]``.
+
+Several trajectories can run in one batch, each with its own stop (``steps_taken`` a sequence): at loop
+index i only the trajectories that still need a step go through the UNet, so every trajectory sees exactly
+the computation it would see alone (the one-at-a-time reference), in fewer, larger UNet calls.
 """
 from __future__ import annotations
 
@@ -27,36 +31,56 @@ def ddim_timesteps(scheduler, num_steps: int) -> torch.Tensor:
 def eps_all(eps_fn: EpsFn, x: torch.Tensor, timestep, conds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """epsilon for every condition at once: one UNet call on the batch [x; x; ...] x [c_0; c_1; ...].
 
-    ``x`` is (B, C, H, W); each condition is (B, L, D) or (1, L, D) (broadcast to B).
-    Returns one (B, C, H, W) tensor per condition, in order.
+    ``x`` is (B, C, H, W); each condition is (B, L, D) or (1, L, D) (broadcast to B); ``timestep`` is a
+    scalar or a (B,) tensor of per-sample timesteps. Returns one (B, C, H, W) tensor per condition, in order.
     """
-    b = x.shape[0]
+    b, k = x.shape[0], len(conds)
     embs = torch.cat([c.expand(b, *c.shape[1:]) for c in conds])
-    out = eps_fn(x.repeat(len(conds), 1, 1, 1), timestep, embs)
-    return list(out.chunk(len(conds)))
+    if torch.is_tensor(timestep) and timestep.ndim == 1:
+        timestep = timestep.repeat(k)
+    out = eps_fn(x.repeat(k, 1, 1, 1), timestep, embs)
+    return list(out.chunk(k))
+
+
+def _take(cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return cond if cond.shape[0] == 1 else cond[rows]
 
 
 @torch.no_grad()
 def sample_to_step(eps_fn: EpsFn, scheduler, x_T: torch.Tensor, conds: Sequence[torch.Tensor],
-                   steps_taken: int, num_steps: int, guidance: float,
+                   steps_taken: int | Sequence[int], num_steps: int, guidance: float,
                    extra: ExtraFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``steps_taken`` DDIM steps of a ``num_steps``-step schedule from ``x_T``.
+    """Run DDIM steps of a ``num_steps``-step schedule from ``x_T`` until each sample has taken its ``steps_taken``.
 
-    ``conds[0]`` is the unconditional embedding and ``conds[1]`` the prompt; further conditions are
-    passed to ``extra``. Each step uses eps = eps(∅) + guidance * (eps(c) - eps(∅)) [+ extra].
-    Returns (z, timestep at which z lives). ``steps_taken`` ranges over 0..num_steps-1.
+    ``conds[0]`` is the unconditional embedding and ``conds[1]`` the prompt; further conditions are passed to
+    ``extra``. Each step uses eps = eps(∅) + guidance * (eps(c) - eps(∅)) [+ extra]. ``steps_taken`` is an int
+    (all samples) or one int per sample, each in 0..num_steps-1.
+    Returns (z, the timestep at which z lives: a scalar tensor for an int ``steps_taken``, else one per sample).
     """
-    if not 0 <= steps_taken < num_steps:
-        raise ValueError(f"steps_taken must be in [0, {num_steps}), got {steps_taken}")
+    per_sample = not isinstance(steps_taken, int)
+    stops = torch.as_tensor(list(steps_taken) if per_sample else [steps_taken] * x_T.shape[0], dtype=torch.long)
+    if stops.numel() != x_T.shape[0]:
+        raise ValueError(f"{stops.numel()} stops for {x_T.shape[0]} samples")
+    if ((stops < 0) | (stops >= num_steps)).any():
+        raise ValueError(f"steps_taken must be in [0, {num_steps}), got {stops.tolist()}")
     timesteps = ddim_timesteps(scheduler, num_steps)
     x = x_T * scheduler.init_noise_sigma
-    for i in range(steps_taken):
+    for i in range(int(stops.max())):
+        rows = (stops > i).nonzero().flatten().to(x.device)
         t = timesteps[i]
-        eps = eps_all(eps_fn, scheduler.scale_model_input(x, t), t, conds)
+        xa = x if rows.numel() == x.shape[0] else x[rows]
+        ca = conds if rows.numel() == x.shape[0] else [_take(c, rows) for c in conds]
+        eps = eps_all(eps_fn, scheduler.scale_model_input(xa, t), t, ca)
         guided = eps[0] + guidance * (eps[1] - eps[0])
         if extra is not None:
             add = extra(i, eps)
             if add is not None:
                 guided = guided + add
-        x = scheduler.step(guided, t, x, eta=0.0).prev_sample
-    return x, timesteps[steps_taken]
+        stepped = scheduler.step(guided, t, xa, eta=0.0).prev_sample
+        if rows.numel() == x.shape[0]:
+            x = stepped
+        else:
+            x = x.clone()
+            x[rows] = stepped
+    at = timesteps[stops]
+    return x, (at if per_sample else at[0])

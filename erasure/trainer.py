@@ -104,6 +104,25 @@ class Previews:
         return save_png(grid(rows, row_labels=labels, col_labels=[f"it {s}" for s, _ in self.columns]), path)
 
 
+class TeacherBank:
+    """Teacher work done ahead in batches (``trainer.teacher_batch``), consumed one iteration at a time.
+
+    The randomness of the next n iterations is drawn in the order the one-at-a-time loop draws it, so
+    ``teacher_batch=n`` and ``teacher_batch=1`` see the same z_t and targets (up to float rounding of
+    batched kernels).
+    """
+
+    def __init__(self, method, size: int, last_step: int):
+        self.method, self.size, self.last_step = method, size, last_step
+        self.queue: list[dict] = []
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        if not self.queue:
+            n = min(self.size, self.last_step - step + 1)
+            self.queue = self.method.teacher_work([self.method.draw(s) for s in range(step, step + n)])
+        return self.method.student_loss(self.queue.pop(0))
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Run one erasure job; writes config.yaml, metrics.jsonl, samples/, timeline.png, delta.safetensors, summary.json."""
     run_dir = Path(run_dir)
@@ -127,8 +146,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     generator = torch.Generator("cpu").manual_seed(int(tr.seed))
     ctx = TrainContext(models=models, trainable=trainable, teacher=teacher, concept=cfg.concept, cfg=cfg,
                        generator=generator)
-    method = method_cls(method_cfg, ctx)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=method_cfg.lr, betas=tuple(method_cfg.adam_betas),
+    setup_start = time.perf_counter()
+    method = method_cls(method_cfg, ctx)  # a method's own preparation (e.g. generating anchor images) is timed apart
+    setup_time = time.perf_counter() - setup_start
+    optimizer = torch.optim.AdamW(method.parameters(), lr=method.learning_rate(), betas=tuple(method_cfg.adam_betas),
                                   eps=method_cfg.adam_eps, weight_decay=method_cfg.weight_decay)
     logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir)
 
@@ -138,12 +159,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     if every:
         logger.log_image("preview", previews(0, method.export_params()), 0)
 
+    teacher_batch = int(tr.get("teacher_batch", 1))
+    if teacher_batch < 1:
+        raise UserError(f"trainer.teacher_batch must be at least 1, got {teacher_batch}")
+    step_fn = TeacherBank(method, teacher_batch, iterations) if teacher_batch > 1 and method.supports_teacher_bank \
+        else method.training_step
     metrics_path = run_dir / "metrics.jsonl"
     start = time.perf_counter()
     with open(metrics_path, "w") as metrics_file, tqdm(range(1, iterations + 1), desc=f"erasing ({method_cls.name})",
                                                         dynamic_ncols=True, disable=None) as bar:
         for step in bar:
-            terms = method.training_step(step)
+            terms = step_fn(step)
             for name, value in terms.items():
                 if not torch.isfinite(value).all():
                     raise UserError(f"loss term '{name}' became {value.item()} at step {step}: lower the learning rate "
@@ -170,6 +196,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     save_delta(run_dir / "delta.safetensors", method.export_params(), meta)
     timeline = previews.timeline(run_dir / "timeline.png")
     summary = {**meta, "train_time_s": round(train_time, 3), "s_per_it": round(train_time / iterations, 5),
+               "setup_time_s": round(setup_time, 3),
                "trainable_parameters": count(trainable), "final": {k: v for k, v in record.items() if k != "step"}}
     if cfg.model.get("probe"):
         # A model tier may name a probe (model.probe = "module:function") that measures erasure on that
