@@ -99,12 +99,9 @@ class Ablating(ErasureMethod):
     Config = AblatingConfig
     default_params = "attn_qkv"  # see conf/method/ablating.yaml
 
-    @classmethod
-    def parse_config(cls, node):
-        """The typed config; with ``scale_lr`` its ``lr`` is the scaled one the optimizer gets (the run's
-        config.yaml keeps the base lr as written, metrics.jsonl logs the scaled one)."""
-        cfg = super().parse_config(node)
-        return dataclasses.replace(cfg, lr=cfg.lr * lr_scale(cfg))
+    def learning_rate(self) -> float:
+        """With ``scale_lr`` the optimizer gets lr x lr_scale (metrics.jsonl logs it; config.yaml keeps the base)."""
+        return self.cfg.lr * lr_scale(self.cfg)
 
     @classmethod
     def validate(cls, cfg: AblatingConfig) -> None:

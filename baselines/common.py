@@ -27,8 +27,15 @@ def generate_latents(ctx, prompts: list[str], count: int, steps: int, guidance: 
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
+    from diffusers import StableDiffusionPipeline
+
     models = ctx.models
-    pipe = models.pipeline()
+    # No text encoder in the pipeline: we pass float32 embeddings (Models.encode_text), and without a text
+    # encoder the pipeline keeps them (and so the latents) in the UNet's dtype. With SD's fp16 text encoder
+    # beside the fp32 UNet (model.dtype=float16 on a GPU) it would cast them to fp16 and the UNet would fail.
+    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=None, tokenizer=models.tokenizer, unet=models.unet,
+                                   scheduler=models.generation_scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     chosen = [prompts[i % len(prompts)] for i in range(count)]
     out = []
@@ -36,7 +43,6 @@ def generate_latents(ctx, prompts: list[str], count: int, steps: int, guidance: 
     uncond = ctx.embed([""])
     for start in range(0, count, batch_size):
         batch = chosen[start:start + batch_size]
-        # float32 text embeddings (Models.encode_text) keep the fp32 UNet's inputs fp32 on a GPU too
         latents = pipe(prompt_embeds=ctx.embed(batch), negative_prompt_embeds=uncond.expand(len(batch), -1, -1),
                        num_inference_steps=steps, guidance_scale=guidance, generator=ctx.generator,
                        height=models.resolution, width=models.resolution, output_type="latent").images

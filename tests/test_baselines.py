@@ -188,8 +188,11 @@ def test_ablating_prior_preservation_term_is_present_and_weighted():
 
 
 def test_ablating_scaled_lr_reaches_the_optimizer(tmp_path):
-    cfg = compose_cfg(["model=tiny", "method=ablating"])
-    assert validate(cfg)[1].lr == pytest.approx(4e-6 * 4 * 2)
+    cfg = compose_cfg(["model=tiny", "method=ablating", *SMALL["ablating"], "trainer.iterations=1",
+                       "trainer.preview_every=0"])
+    run = train(cfg, tmp_path / "run")
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["lr"]
+    assert logged == pytest.approx(4e-6 * 2 * 2)  # SMALL: batch 2, x 2 for prior preservation
 
 
 def _attention_mass(m, ctx, z, t):
@@ -246,6 +249,7 @@ def test_two_iterations_end_to_end(method, tmp_path):
     assert summary["method"] == method and summary["iterations"] == 2
     assert summary["params"] == DEFAULT_PARAMS[method]  # the method yaml's default parameter subset
     assert summary["train_time_s"] > 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert summary["setup_time_s"] >= 0  # the method's own preparation (anchor/reference images), timed apart
     tensors, meta = read_delta(run)
     models = load_models(cfg.model, "cpu")
     assert set(tensors) == set(select_params(models.unet, cfg.params))
