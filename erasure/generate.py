@@ -45,7 +45,7 @@ def main(argv: list[str]) -> list[Path]:
     if unknown or "run" not in args or "prompt" not in args:
         raise UserError(f"{'unknown option ' + ', '.join(sorted(unknown)) + '; ' if unknown else ''}{USAGE}")
     cfg, models = load_run(args.run, args.get("device", "auto"), bool(args.get("base", False)))
-    pipe = models.pipeline(scheduler=models.scheduler if models.generation_scheduler is None else None)
+    pipe = models.pipeline()
     pipe.set_progress_bar_config(disable=True)
     steps = int(args.get("steps") or cfg.model.sample_steps)
     guidance = float(args.get("guidance") if args.get("guidance") is not None else cfg.model.guidance)
@@ -53,10 +53,11 @@ def main(argv: list[str]) -> list[Path]:
     slug = re.sub(r"[^a-z0-9]+", "_", str(args.prompt).lower()).strip("_")[:60] or "empty"
     seed0 = int(args.get("seed", 0))
     written = []
+    emb, uncond = models.encode_text([str(args.prompt)]), models.encode_text([""])
     for k in range(int(args.get("n", 1))):
         g = torch.Generator("cpu").manual_seed(seed0 + k)
-        image = pipe(str(args.prompt), num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                     height=models.resolution, width=models.resolution).images[0]
+        image = pipe(prompt_embeds=emb, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                     guidance_scale=guidance, generator=g, height=models.resolution, width=models.resolution).images[0]
         written.append(save_png(image, out / f"{slug}_seed{seed0 + k}{'_base' if args.get('base') else ''}.png"))
         log.info("wrote %s", written[-1])
     return written

@@ -6,6 +6,8 @@ the delta. It never branches on a method's name.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -83,12 +85,16 @@ class Previews:
         pipe = self.models.pipeline(scheduler=self.models.scheduler)
         pipe.set_progress_bar_config(disable=True)
         images = []
+        uncond = self.models.encode_text([""])
         with swapped_params(self.models.unet, params):
             for prompt in self.prompts:
+                # float32 embeddings passed in: the pipeline would cast them to a low-precision text encoder's dtype
+                emb = self.models.encode_text([prompt])
                 for seed in self.seeds:
                     g = torch.Generator("cpu").manual_seed(int(seed))
-                    images.append(pipe(prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                                       generator=g, height=self.models.resolution, width=self.models.resolution).images[0])
+                    images.append(pipe(prompt_embeds=emb, negative_prompt_embeds=uncond, num_inference_steps=self.steps,
+                                       guidance_scale=self.guidance, generator=g, height=self.models.resolution,
+                                       width=self.models.resolution).images[0])
         self.columns.append((step, images))
         labels = [f"{p[:24]} #{s}" for p in self.prompts for s in self.seeds]
         path = save_png(grid([[im] for im in images], row_labels=labels, col_labels=[f"it {step}"]),
@@ -123,6 +129,100 @@ class TeacherBank:
         return self.method.student_loss(self.queue.pop(0))
 
 
+def precision_context(device: torch.device, dtype: torch.dtype):
+    """Mixed precision on GPU (autocast to bf16/fp16: frozen and teacher evaluations run in low precision while
+    trained parameters, gradients and optimizer state stay fp32); plain fp32 on CPU."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything one erasure run optimizes: trainable subset, teacher, method, optimizer, step function."""
+
+    cfg: DictConfig
+    models: Models
+    trainable: dict[str, torch.nn.Parameter]
+    teacher: Teacher
+    method: object
+    optimizer: torch.optim.Optimizer
+    step_fn: object
+    precision: torch.dtype
+    setup_time: float
+
+    @classmethod
+    def create(cls, cfg: DictConfig, models: Models, method_cls, method_cfg) -> "Session":
+        tr = cfg.trainer
+        trainable = select_params(models.unet, cfg.params)
+        for p in trainable.values():
+            p.requires_grad_(True)
+        precision = resolve_precision(str(tr.get("precision", "auto")), models.device)
+        if precision != torch.float32:
+            # frozen UNet weights in low precision (memory, bandwidth); trained ones stay fp32
+            with torch.no_grad():
+                for name, p in models.unet.named_parameters():
+                    if name not in trainable:
+                        p.data = p.data.to(precision)
+        teacher = Teacher(models.unet, trainable)
+        n_unet = sum(p.numel() for p in models.unet.parameters())
+        log.info("training %s: %.2fM of %.2fM UNet parameters (params=%s); the teacher holds only a frozen copy of "
+                 "those (%.1f MB instead of %.1f MB for a full UNet copy)", method_cls.name, count(trainable) / 1e6,
+                 n_unet / 1e6, cfg.params.name, teacher.numel() * 4 / 2**20, n_unet * 4 / 2**20)
+        if tr.get("compile"):
+            models.unet.compile()  # torch.compile through nn.Module.compile (experimental; GPU)
+        generator = torch.Generator("cpu").manual_seed(int(tr.seed))
+        ctx = TrainContext(models=models, trainable=trainable, teacher=teacher, concept=cfg.concept, cfg=cfg,
+                           generator=generator)
+        setup_start = time.perf_counter()
+        with precision_context(models.device, precision):
+            method = method_cls(method_cfg, ctx)  # a method's own preparation (e.g. anchor images) is timed apart
+        setup_time = time.perf_counter() - setup_start
+        optimizer = torch.optim.AdamW(method.parameters(), lr=method.learning_rate(), betas=tuple(method_cfg.adam_betas),
+                                      eps=method_cfg.adam_eps, weight_decay=method_cfg.weight_decay)
+        teacher_batch = int(tr.get("teacher_batch", 1))
+        if teacher_batch < 1:
+            raise UserError(f"trainer.teacher_batch must be at least 1, got {teacher_batch}")
+        step_fn = TeacherBank(method, teacher_batch, int(tr.iterations)) \
+            if teacher_batch > 1 and method.supports_teacher_bank else method.training_step
+        return cls(cfg, models, trainable, teacher, method, optimizer, step_fn, precision, setup_time)
+
+    def autocast(self):
+        return precision_context(self.models.device, self.precision)
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns the (detached) loss terms. Stops on a non-finite term."""
+        with self.autocast():
+            terms = self.step_fn(step)
+        for name, value in terms.items():
+            if not torch.isfinite(value).all():
+                raise UserError(f"loss term '{name}' became {value.item()} at step {step}: lower the learning rate "
+                                f"(method.lr) or check the inputs; the run stopped")
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        clip = getattr(self.method.cfg, "grad_clip", None)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip)
+        self.optimizer.step()
+        self.method.after_step(step)
+        return {k: v.detach().float() for k, v in terms.items()}
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.float32
+    from .models import DTYPES
+
+    if name not in DTYPES:
+        raise UserError(f"unknown trainer.precision '{name}': choose auto, float32 or bfloat16")
+    if device.type == "cpu" and DTYPES[name] != torch.float32:
+        log.info("trainer.precision=%s is for GPUs; using float32 on the CPU", name)
+        return torch.float32
+    return DTYPES[name]
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Run one erasure job; writes config.yaml, metrics.jsonl, samples/, timeline.png, delta.safetensors, summary.json."""
     run_dir = Path(run_dir)
@@ -134,60 +234,31 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     seed_everything(int(tr.seed))
     models = load_models(cfg.model, str(tr.device))
     base_fingerprint = models.fingerprint
-    trainable = select_params(models.unet, cfg.params)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    teacher = Teacher(models.unet, trainable)
-    n_unet = sum(p.numel() for p in models.unet.parameters())
-    log.info("training %s: %.2fM of %.2fM UNet parameters (params=%s); the teacher holds only a frozen copy of those "
-             "(%.1f MB instead of %.1f MB for a full UNet copy)", method_cls.name, count(trainable) / 1e6, n_unet / 1e6,
-             cfg.params.name, teacher.numel() * 4 / 2**20, n_unet * 4 / 2**20)
-
-    generator = torch.Generator("cpu").manual_seed(int(tr.seed))
-    ctx = TrainContext(models=models, trainable=trainable, teacher=teacher, concept=cfg.concept, cfg=cfg,
-                       generator=generator)
-    setup_start = time.perf_counter()
-    method = method_cls(method_cfg, ctx)  # a method's own preparation (e.g. generating anchor images) is timed apart
-    setup_time = time.perf_counter() - setup_start
-    optimizer = torch.optim.AdamW(method.parameters(), lr=method.learning_rate(), betas=tuple(method_cfg.adam_betas),
-                                  eps=method_cfg.adam_eps, weight_decay=method_cfg.weight_decay)
+    session = Session.create(cfg, models, method_cls, method_cfg)
+    method, optimizer, trainable, teacher = session.method, session.optimizer, session.trainable, session.teacher
     logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir)
 
     iterations = int(tr.iterations)
     every = int(tr.preview_every) if tr.preview_every else 0
     previews = Previews(models, cfg, run_dir / "samples")
     if every:
-        logger.log_image("preview", previews(0, method.export_params()), 0)
+        with session.autocast():
+            logger.log_image("preview", previews(0, method.export_params()), 0)
 
-    teacher_batch = int(tr.get("teacher_batch", 1))
-    if teacher_batch < 1:
-        raise UserError(f"trainer.teacher_batch must be at least 1, got {teacher_batch}")
-    step_fn = TeacherBank(method, teacher_batch, iterations) if teacher_batch > 1 and method.supports_teacher_bank \
-        else method.training_step
     metrics_path = run_dir / "metrics.jsonl"
     start = time.perf_counter()
     with open(metrics_path, "w") as metrics_file, tqdm(range(1, iterations + 1), desc=f"erasing ({method_cls.name})",
                                                         dynamic_ncols=True, disable=None) as bar:
         for step in bar:
-            terms = step_fn(step)
-            for name, value in terms.items():
-                if not torch.isfinite(value).all():
-                    raise UserError(f"loss term '{name}' became {value.item()} at step {step}: lower the learning rate "
-                                    f"(method.lr) or check the inputs; the run stopped")
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            terms = {k: v.detach() for k, v in terms.items()}
-            if method_cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), method_cfg.grad_clip)
-            optimizer.step()
-            method.after_step(step)
+            terms = session.step(step)
             record = {"step": step, **{k: v.item() for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"]}
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             logger.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
             bar.set_postfix(loss=f"{record['loss']:.4g}")
             if every and (step % every == 0 or step == iterations):
-                logger.log_image("preview", previews(step, method.export_params()), step)
+                with session.autocast():
+                    logger.log_image("preview", previews(step, method.export_params()), step)
     train_time = time.perf_counter() - start
 
     meta = dict(base_model=models.source, base_fingerprint=base_fingerprint, model=cfg.model.name,
@@ -196,13 +267,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     save_delta(run_dir / "delta.safetensors", method.export_params(), meta)
     timeline = previews.timeline(run_dir / "timeline.png")
     summary = {**meta, "train_time_s": round(train_time, 3), "s_per_it": round(train_time / iterations, 5),
-               "setup_time_s": round(setup_time, 3),
+               "setup_time_s": round(session.setup_time, 3),
                "trainable_parameters": count(trainable), "final": {k: v for k, v in record.items() if k != "step"}}
     if cfg.model.get("probe"):
         # A model tier may name a probe (model.probe = "module:function") that measures erasure on that
         # model right after training, e.g. the toy world's detector rates; its numbers join summary.json.
         probe = hydra.utils.get_method(str(cfg.model.probe).replace(":", "."))
-        summary.update(probe(models=models, cfg=cfg, base_params=teacher.params, erased_params=method.export_params()))
+        with session.autocast():
+            summary.update(probe(models=models, cfg=cfg, base_params=teacher.params, erased_params=method.export_params()))
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     logger.summary({"train_time_s": summary["train_time_s"], **{f"final/{k}": v for k, v in summary["final"].items()}})
     logger.finish()
