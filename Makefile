@@ -32,3 +32,26 @@ test-slow: install ## the slow tests only
 clean: ## remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
+
+# ---- Table 1 (issue 4): eval/ trains every registered method (or reuses its run folder), evaluates and reports.
+# Toy world by default. The paper's setting (users' machines with SD v1.4, COCO val2014 and a local CLIP ViT-L/14):
+#   make table1 MODEL=sd14 CONCEPT=nudity SUITE=sd14 TABLE1_ARGS="suite.reference.images=/data/coco/val2014 \
+#     suite.reference.annotations=/data/coco/annotations/captions_val2014.json suite.metrics.clip.model=/models/clip-vit-large-patch14"
+MODEL ?= toyworld
+CONCEPT ?= circle
+SUITE ?= $(MODEL)
+TABLE1_ARGS ?=
+HAVE_TOYWORLD := $(and $(wildcard conf/model/toyworld.yaml),$(wildcard conf/concept/circle.yaml),$(wildcard erasure/toyworld/model/model_index.json))
+SMOKE_MODEL ?= $(if $(HAVE_TOYWORLD),toyworld,tiny)
+SMOKE_CONCEPT ?= $(if $(HAVE_TOYWORLD),circle,nudity)
+SMOKE_SIZES = suite.prompt_sets.target.n=8 suite.prompt_sets.captions.n=8 suite.prompt_sets.objects.n=4 \
+  suite.reference.n=8 suite.metrics.kid.subset_size=null
+.PHONY: table1 table1-smoke
+
+table1: install ## Table 1: every method trained/reused, evaluated -> outputs/table1/table1.{md,csv,tex} (MODEL=, CONCEPT=, SUITE=)
+	$(PY) -m eval.table1 model=$(MODEL) concept=$(CONCEPT) suite=$(SUITE) out=outputs/table1 $(TABLE1_ARGS)
+
+table1-smoke: install ## the Table-1 pipeline at tiny sizes (2 iterations, 8 prompts) -> outputs/table1-smoke/ (< 5 min)
+	$(PY) -m eval.table1 model=$(SMOKE_MODEL) concept=$(SMOKE_CONCEPT) suite=$(SMOKE_MODEL) out=outputs/table1-smoke \
+	  'train_overrides="trainer.iterations=2 trainer.preview_every=0"' \
+	  '++method_overrides.ablating="method.num_anchor_images=4 method.anchor_steps=4"' $(SMOKE_SIZES) $(TABLE1_ARGS)

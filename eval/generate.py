@@ -145,8 +145,10 @@ def main(argv: list[str]) -> None:
         setup_logging()
         args = dict(a.split("=", 1) for a in argv if "=" in a)
         if "set" not in args or "run" not in args:
-            raise UserError("usage: python -m eval.generate run=<run folder> set=<prompt set> [base=true] [suite=...]")
+            raise UserError("usage: python -m eval.generate run=<run folder> set=<prompt set> [base=true] [key=value ...]")
         name = args.pop("set")
+        if str(args.pop("base", "false")).lower() == "true":
+            args["system"] = "base"
         cfg = compose_eval_cfg([f"{k}={v}" for k, v in args.items()])
         ev = Evaluation.from_cfg(cfg)
         ev.images(name)

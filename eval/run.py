@@ -120,10 +120,11 @@ class Evaluation:
     def _paths(self, name: str, base: bool) -> list[Path]:
         if self.kind == "reference":
             raise UserError("the reference system has real images only, no generated ones")
+        base = base or self.kind == "base"
         sampler = self.sampler
         folder = cache_folder(self.cache_dir, self.model_key(base), sampler)
         rows = self.rows(name)
-        if base or self.kind == "base":
+        if base:
             result = generate(self.models, rows, folder, sampler, desc=f"base model: {name}")
         else:
             result = self._generate_erased(rows, folder, sampler, name)

@@ -1,0 +1,128 @@
+"""Table 1 end to end: ``python -m eval.table1 [model=toyworld] [concept=circle] [out=outputs/table1]``.
+
+For every method in ``erasure.registry.available()`` (or ``methods=[...]``): reuse ``<out>/runs/<method>``
+when it holds a finished run, else train it with its default config in a subprocess
+(``python -m erasure.train method=<m> model=<M> concept=<C> hydra.run.dir=<dir> <train_overrides>``).
+Then evaluate the base model, each run and the reference row with the suite (images cached and
+shared), and write the report (:mod:`eval.report`). ``make table1`` / ``make table1-smoke`` drive it.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from erasure.errors import UserError, exit_on_user_error
+
+from .prompts import ROOT, resolve_path
+from .report import load_records, log_wandb, to_markdown, write_report
+from .run import compose_eval_cfg, evaluate_system
+
+log = logging.getLogger("eval.table1")
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "delta.safetensors").is_file() and (run_dir / "summary.json").is_file() \
+        and (run_dir / "config.yaml").is_file()
+
+
+def _overrides(value) -> list[str]:
+    return str(value).split() if isinstance(value, str) else [str(o) for o in value or []]
+
+
+def train_overrides(cfg: DictConfig, method: str) -> list[str]:
+    """``train_overrides`` (every method) then ``method_overrides.<method>``: lists, or strings of
+    space-separated overrides (handy from make)."""
+    return _overrides(cfg.train_overrides) + _overrides((cfg.get("method_overrides") or {}).get(method))
+
+
+def train_method(method: str, cfg: DictConfig, run_dir: Path) -> None:
+    args = [sys.executable, "-m", "erasure.train", f"method={method}", f"model={cfg.model}", f"concept={cfg.concept}",
+            f"hydra.run.dir={run_dir}", *train_overrides(cfg, method)]
+    log.info("training %s: %s", method, " ".join(args[1:]))
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_stdout.log").write_text(proc.stdout)
+    if proc.returncode != 0 or not finished(run_dir):
+        tail = " | ".join(proc.stdout.strip().splitlines()[-2:])
+        raise UserError(f"training '{method}' failed (exit {proc.returncode}): {tail} (full log: {run_dir}/train_stdout.log)")
+    log.info("trained %s in %.0f s", method, time.perf_counter() - start)
+
+
+def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path) -> DictConfig:
+    """An eval.run config for one system that shares the table's suite (and its overrides)."""
+    return OmegaConf.create(dict(run=str(run) if run else None, system=system, out=str(out), name=None,
+                                 data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, device=cfg.device, force=cfg.force,
+                                 suite=OmegaConf.to_container(cfg.suite, resolve=False)))
+
+
+def table1(cfg: DictConfig) -> dict:
+    from erasure import registry
+
+    start = time.perf_counter()
+    out = resolve_path(cfg.out)
+    methods = list(cfg.methods) if cfg.methods else registry.available()
+    unknown = [m for m in methods if m not in registry.available()]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(registry.available())}")
+    runs, failed, timings = [], {}, {}
+    for m in methods:
+        run_dir = out / "runs" / m
+        if cfg.reuse and finished(run_dir):
+            log.info("reusing the finished run %s", run_dir)
+        else:
+            t0 = time.perf_counter()
+            try:
+                train_method(m, cfg, run_dir)
+            except UserError as exc:  # one broken method must not cost the whole table
+                log.error("%s", exc)
+                failed[m] = str(exc)
+                continue
+            timings[f"train/{m}"] = round(time.perf_counter() - t0, 1)
+        runs.append(run_dir)
+    if not runs:
+        raise UserError("no method trained successfully: " + "; ".join(failed.values()))
+    folders = [out / "base"] + runs + [out / "reference"]
+    systems = [("base", runs[0])] + [("run", r) for r in runs] + [("reference", None)]
+    for (system, run), folder in zip(systems, folders):
+        t0 = time.perf_counter()
+        evaluate_system(system_cfg(cfg, system, run, folder))
+        timings[f"eval/{folder.name}"] = round(time.perf_counter() - t0, 1)
+    records = load_records(folders)
+    title = cfg.title or f"Table 1 analogue: model={cfg.model}, concept={cfg.concept}, suite={cfg.suite.name}"
+    result = write_report(records, out, title, bool(cfg.rank_oracles))
+    if cfg.logger == "wandb":
+        log_wandb(records, result["table"], out, str(cfg.wandb_project), title)
+    elif cfg.logger != "none":
+        raise UserError(f"unknown logger '{cfg.logger}': choose none or wandb")
+    meta = dict(command="python -m eval.table1 " + " ".join(sys.argv[1:]), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                total_s=round(time.perf_counter() - start, 1), timings=timings, failed=failed, methods=methods)
+    (out / "table1_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(to_markdown(result["table"], title), end="")
+    if failed:
+        print(f"\nmissing (training failed): {', '.join(failed)}; see {out}/runs/<method>/train_stdout.log")
+    log.info("table 1 done in %.0f s -> %s", meta["total_s"], out)
+    return dict(result, meta=meta)
+
+
+@exit_on_user_error
+def main(argv: list[str]) -> dict:
+    from erasure.cli import check_group_overrides, setup_logging
+
+    setup_logging()
+    cfg = compose_eval_cfg(argv, config_name="table1")
+    check_group_overrides([f"model={cfg.model}", f"concept={cfg.concept}"])
+    return table1(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

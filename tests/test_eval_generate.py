@@ -1,0 +1,118 @@
+"""The evaluation image cache: a second run generates nothing, base images are shared between runs,
+and a generation killed mid-way resumes to the same files, none corrupt."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from eval.generate import image_name
+from eval.prompts import load_prompt_set
+from tests.conftest import ROOT, compose_cfg
+
+
+def make_run(root: Path, name: str, shift: float) -> Path:
+    """A finished-looking run folder of the tiny model: config.yaml, a delta on attn2.to_out, summary.json."""
+    from erasure.delta import save_delta
+    from erasure.models import load_models
+
+    cfg = compose_cfg(["model=tiny", "concept=nudity"])
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    models = load_models(cfg.model, "cpu")
+    params = {n: p.detach() + shift for n, p in models.unet.named_parameters() if "attn2.to_out" in n}
+    save_delta(run / "delta.safetensors", params, dict(base_model=models.source, base_fingerprint=models.fingerprint,
+                                                       model="tiny", method="ours", params="to_out", iterations=1))
+    (run / "summary.json").write_text(json.dumps({"train_time_s": 1.5, "iterations": 1}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return make_run(root, "a", 0.05), make_run(root, "b", -0.05)
+
+
+def generated(cache: Path) -> list[Path]:
+    """PNGs of the image cache (folders holding sampler.json; not the built reference folder)."""
+    return sorted(p for p in cache.glob("*/*/*.png") if (p.parent / "sampler.json").is_file())
+
+
+def evaluation(run: Path, cache: Path, *extra: str):
+    from eval.run import Evaluation, compose_eval_cfg
+
+    cfg = compose_eval_cfg([f"run={run}", f"cache_dir={cache}", "device=cpu", "suite.prompt_sets.objects.n=3", *extra])
+    return Evaluation.from_cfg(cfg)
+
+
+def test_second_run_generates_nothing_and_base_is_shared(runs, tmp_path):
+    cache = tmp_path / "cache"
+    ev = evaluation(runs[0], cache)
+    erased, rows = ev.images("objects")
+    base, _ = ev.base_images("objects")
+    assert ev.stats == {"generated": 6, "cached": 0}
+    assert erased.shape == (3, 32, 32, 3) and erased.dtype == np.uint8
+    assert np.abs(erased.astype(int) - base.astype(int)).max() > 0  # the delta changed the images
+
+    again = evaluation(runs[0], cache)
+    erased2, _ = again.images("objects")
+    base2, _ = again.base_images("objects")
+    assert again.stats == {"generated": 0, "cached": 6}
+    assert np.array_equal(erased, erased2) and np.array_equal(base, base2)
+
+    other = evaluation(runs[1], cache)  # another run on the same base: base images come from the cache
+    other.base_images("objects")
+    assert other.stats == {"generated": 0, "cached": 3}
+    other.images("objects")
+    assert other.stats == {"generated": 3, "cached": 3}
+    folders = sorted(p.parent.parent.name for p in generated(cache))
+    fp = ev.models.fingerprint
+    assert set(folders) == {fp, ev.model_key(base=False), other.model_key(base=False)} and len(folders) == 9
+
+    # a different sampler setting is a different cache entry
+    steps = evaluation(runs[0], cache, "suite.sampler.steps=3")
+    steps.base_images("objects")
+    assert steps.stats["generated"] == 3
+
+
+def test_resume_after_kill(runs, tmp_path):
+    cache = tmp_path / "cache"
+    n = 8
+    args = [sys.executable, "-m", "eval.generate", f"run={runs[0]}", "set=objects", "base=true", f"cache_dir={cache}",
+            "device=cpu", f"suite.prompt_sets.objects.n={n}", "suite.sampler.batch_size=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(generated(cache)) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [p.name for p in generated(cache)]
+    assert 2 <= len(before) < n, "the generation must be killed mid-way"
+    for p in generated(cache):
+        Image.open(p).load()  # complete PNGs only (atomic writes)
+
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{n - len(before)} images" in done.stderr and f"({len(before)} were cached)" in done.stderr
+    files = generated(cache)
+    rows = load_prompt_set(OmegaConf.create({"kind": "csv", "path": str(ROOT.parent / "shared/data/small_imagenet_prompts.csv"),
+                                             "n": n}))
+    assert sorted(p.name for p in files) == sorted(image_name(r, 7.5) for r in rows)  # tiny model: guidance 7.5
+
+    # the resumed set equals an uninterrupted generation, image by image
+    ev = evaluation(runs[0], tmp_path / "fresh", f"suite.prompt_sets.objects.n={n}", "suite.sampler.batch_size=1")
+    fresh, _ = ev.base_images("objects")
+    resumed = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in
+                        [files[0].parent / image_name(r, 7.5) for r in rows]])
+    assert np.array_equal(fresh, resumed)

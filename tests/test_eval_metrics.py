@@ -1,0 +1,311 @@
+"""Metrics on real data: SSIM and FID/KID on scikit-image photographs, NudeNet on astronaut(),
+CLIPScore on a tiny local CLIP; each checked against an independent computation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+from scipy.ndimage import uniform_filter
+from skimage import data
+
+from erasure.errors import UserError
+from eval import metrics
+from eval.metrics import ssim_pairs, ssim_window
+
+
+def crops(photo: np.ndarray, n: int, side: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h, w = photo.shape[:2]
+    out = []
+    for _ in range(n):
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        out.append(photo[y:y + side, x:x + side, :3])
+    return np.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------- SSIM
+def ssim_by_hand(a: np.ndarray, b: np.ndarray, win: int) -> float:
+    """Wang et al. 2004 with a uniform win×win window and sample covariances (skimage's defaults), per channel."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    n = win * win
+    values = []
+    for ch in range(a.shape[-1]):
+        x, y = a[..., ch], b[..., ch]
+        f = lambda z: uniform_filter(z, size=win)  # noqa: E731
+        mx, my = f(x), f(y)
+        vx = (f(x * x) - mx * mx) * n / (n - 1)
+        vy = (f(y * y) - my * my) * n / (n - 1)
+        cxy = (f(x * y) - mx * my) * n / (n - 1)
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+        pad = (win - 1) // 2
+        values.append(s[pad:-pad, pad:-pad].mean())
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def astronaut_pair():
+    a = data.astronaut()[100:228, 150:278]  # 128x128 real photo (face)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(a.astype(np.float64) + rng.normal(0, 25, a.shape), 0, 255).astype(np.uint8)
+    return a, noisy
+
+
+def test_ssim_identical_is_one_and_noise_lowers_it(astronaut_pair):
+    a, noisy = astronaut_pair
+    assert ssim_pairs(a[None], a[None], 25)[0] == pytest.approx(1.0, abs=1e-12)
+    s_noisy = ssim_pairs(a[None], noisy[None], 25)[0]
+    rng = np.random.default_rng(1)
+    noisier = np.clip(a.astype(np.float64) + rng.normal(0, 60, a.shape), 0, 255).astype(np.uint8)
+    s_noisier = ssim_pairs(a[None], noisier[None], 25)[0]
+    assert 0.1 < s_noisier < s_noisy < 0.95
+
+
+def test_ssim_uses_the_25_window(astronaut_pair):
+    a, noisy = astronaut_pair
+    s25 = ssim_pairs(a[None], noisy[None], 25)[0]
+    s7 = ssim_pairs(a[None], noisy[None], 7)[0]
+    assert abs(s25 - s7) > 0.02  # the window matters on this pair...
+    assert s25 == pytest.approx(ssim_by_hand(a, noisy, 25), abs=1e-6)  # ...and 25x25 is the one computed
+    assert s7 == pytest.approx(ssim_by_hand(a, noisy, 7), abs=1e-6)
+
+
+def test_ssim_window_scaling():
+    assert ssim_window(512, 25, 512) == 25
+    assert ssim_window(512, 25, None) == 25
+    assert ssim_window(256, 25, 512) == 13
+    assert ssim_window(32, 25, 512) == 3
+    with pytest.raises(UserError):
+        ssim_window(16, 25, None)  # larger than the image
+    with pytest.raises(UserError):
+        ssim_window(64, 24, None)  # even
+
+
+class _FakeEval:
+    kind = "run"
+
+    def __init__(self, erased, base):
+        self._e, self._b = erased, base
+
+    def images(self, name):
+        return self._e, None
+
+    def base_images(self, name):
+        return self._b, None
+
+
+def test_ssim_metric_mean_and_std(astronaut_pair):
+    a, noisy = astronaut_pair
+    erased = np.stack([a, noisy])
+    base = np.stack([a, a])
+    from omegaconf import OmegaConf
+
+    out = metrics.ssim(_FakeEval(erased, base), OmegaConf.create({"prompts": "objects", "win_size": 25, "reference_side": None}))
+    s = ssim_by_hand(a, noisy, 25)
+    assert out["value"] == pytest.approx((1 + s) / 2, abs=1e-6)
+    assert out["std"] == pytest.approx((1 - s) / 2, abs=1e-6)
+    assert out["win_size"] == 25 and out["n"] == 2
+
+
+# --------------------------------------------------------------------------------------------- FID/KID
+@pytest.fixture(scope="module")
+def photo_features():
+    from eval.fid import inception_features
+
+    astro = data.astronaut()
+    sets = {"astro_a": crops(astro, 8, 96, 0), "astro_b": crops(astro, 8, 96, 1), "coffee": crops(data.coffee(), 8, 96, 2)}
+    feats = {k: inception_features(torch.from_numpy(v).permute(0, 3, 1, 2).contiguous()) for k, v in sets.items()}
+    return sets, feats
+
+
+def fid_by_hand(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Fréchet distance of two Gaussians fitted to the features, in numpy/scipy. With n < d samples the
+    covariances are S1 = A Aᵀ, S2 = B Bᵀ (A, B: centred features / sqrt(n-1)), and tr sqrt(S1 S2) equals the
+    sum of the singular values of Aᵀ B (the non-zero eigenvalues of S1 S2 are those of (AᵀB)(AᵀB)ᵀ)."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    a = (f1 - mu1).T / np.sqrt(len(f1) - 1)
+    b = (f2 - mu2).T / np.sqrt(len(f2) - 1)
+    tr_covmean = linalg.svdvals(a.T @ b).sum()
+    return float(((mu1 - mu2) ** 2).sum() + (a * a).sum() + (b * b).sum() - 2 * tr_covmean)
+
+
+def kid_by_hand(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Unbiased MMD² with the cubic polynomial kernel (x·y/d + 1)³ on the whole sets (Binkowski et al. 2018)."""
+    d = f1.shape[1]
+    k = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(f1, f1), k(f2, f2), k(f1, f2)
+    m = len(f1)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+@pytest.fixture(scope="module")
+def fid_results(photo_features):
+    from eval.fid import fid_kid_from_features
+
+    _, f = photo_features
+    return {"same": fid_kid_from_features(f["astro_a"], f["astro_b"], kid_subset_size=8, kid_subsets=3),
+            "diff": fid_kid_from_features(f["astro_a"], f["coffee"], kid_subset_size=8, kid_subsets=3)}
+
+
+def test_fid_by_hand_agrees_with_sqrtm():
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(6, 20)), rng.normal(1, 2, size=(6, 20))
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    direct = ((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert fid_by_hand(f1, f2) == pytest.approx(direct, rel=1e-6)
+
+
+def test_inception_features_shape_and_values(photo_features):
+    sets, feats = photo_features
+    assert feats["astro_a"].shape == (8, 2048) and feats["astro_a"].dtype == torch.float32
+    assert torch.isfinite(feats["coffee"]).all() and (feats["coffee"] >= 0).all()  # pool3 after ReLU
+    assert not torch.allclose(feats["astro_a"][0], feats["astro_a"][1])
+
+
+def test_fid_kid_order_real_photo_sets(fid_results):
+    assert fid_results["same"]["fid"] < fid_results["diff"]["fid"]
+    assert fid_results["same"]["kid"] < fid_results["diff"]["kid"]
+
+
+def test_fid_and_kid_match_independent_numpy(photo_features, fid_results):
+    _, f = photo_features
+    a, a2, c = (f[k].double().numpy() for k in ("astro_a", "astro_b", "coffee"))
+    for key, other in (("same", a2), ("diff", c)):
+        out = fid_results[key]
+        assert out["fid"] == pytest.approx(fid_by_hand(a, other), rel=1e-3)
+        assert out["kid"] == pytest.approx(kid_by_hand(a, other), rel=1e-4)  # full-size subsets: every draw is the full set
+        assert out["kid_std"] == pytest.approx(0.0, abs=1e-6 * abs(out["kid"]))
+
+
+def test_fid_kid_on_uint8_images(photo_features):
+    from eval.fid import fid_kid
+
+    sets, f = photo_features
+    out = fid_kid(sets["astro_a"][:4], sets["coffee"][:4], kid_subset_size=4, kid_subsets=2)  # numpy N×H×W×3
+    fr, ff = f["astro_a"][:4].double().numpy(), f["coffee"][:4].double().numpy()  # same images, batch of 8 before
+    assert out["fid"] == pytest.approx(fid_by_hand(fr, ff), rel=1e-3)
+    assert out["kid"] == pytest.approx(kid_by_hand(fr, ff), rel=1e-3)
+
+
+def test_inception_sha1_checked_before_loading(monkeypatch):
+    import eval.fid as fid
+
+    fid.inception_features_module.cache_clear()
+    monkeypatch.setattr(fid, "INCEPTION_SHA1", "0" * 40)
+
+    def no_load(*a, **k):
+        raise AssertionError("torch.jit.load called before the sha1 check")
+
+    monkeypatch.setattr(torch.jit, "load", no_load)
+    with pytest.raises(UserError, match="sha1"):
+        fid.inception_features_module()
+    fid.inception_features_module.cache_clear()
+
+
+def test_fid_needs_two_images():
+    from eval.fid import fid_kid_from_features
+
+    with pytest.raises(UserError, match="at least 2"):
+        fid_kid_from_features(torch.zeros(1, 2048), torch.zeros(5, 2048))
+
+
+# ---------------------------------------------------------------------------------------------- NudeNet
+def test_nudenet_on_astronaut_counts_no_exposed_class():
+    dets = metrics.nudenet_detections(data.astronaut()[None])
+    assert any(d["class"] == "FACE_FEMALE" for d in dets[0])  # the detector really ran on the photo
+    counts = metrics.nudenet_counts(dets, metrics.NUDENET_EXPOSED, 0.7)
+    assert counts == {"flagged": 0, "n": 1, "per_class": {c: 0 for c in metrics.NUDENET_EXPOSED}}
+
+
+def test_nudenet_threshold_and_classes():
+    dets = [[{"class": "FEMALE_BREAST_EXPOSED", "score": 0.69}],  # below 0.7
+            [{"class": "BUTTOCKS_EXPOSED", "score": 0.7}, {"class": "ANUS_EXPOSED", "score": 0.9}],
+            [{"class": "BELLY_EXPOSED", "score": 0.99}],  # not one of the five
+            [{"class": "MALE_GENITALIA_EXPOSED", "score": 0.71}, {"class": "MALE_GENITALIA_EXPOSED", "score": 0.8}]]
+    c = metrics.nudenet_counts(dets, metrics.NUDENET_EXPOSED, 0.7)
+    assert c["flagged"] == 2 and c["n"] == 4
+    assert c["per_class"] == {"FEMALE_BREAST_EXPOSED": 0, "FEMALE_GENITALIA_EXPOSED": 0, "MALE_GENITALIA_EXPOSED": 1,
+                              "BUTTOCKS_EXPOSED": 1, "ANUS_EXPOSED": 1}
+
+
+# ------------------------------------------------------------------------------------------------- CLIP
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from erasure.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                           patch_size=8),
+        projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=build_clip_tokenizer())
+    images, captions = _clip_inputs()
+    if _cosines(model, processor, images, captions).mean() < 0:  # make the mean positive (CLIPScore clamps it at 0)
+        with torch.no_grad():
+            model.text_projection.weight.neg_()
+    d = tmp_path_factory.mktemp("tiny_clip")
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    return d
+
+
+def _clip_inputs():
+    photos = [data.astronaut(), data.coffee(), data.chelsea()]
+    images = np.stack([p[:256, :256, :3][::8, ::8] for p in photos])  # 32x32
+    return images, ["a photo of an astronaut", "a cup of coffee", "a cat"]
+
+
+@torch.no_grad()
+def _cosines(model, processor, images, captions) -> np.ndarray:
+    inputs = processor(text=captions, images=list(images), return_tensors="pt", padding=True)
+    out = model(**inputs)
+    return (out.image_embeds * out.text_embeds).sum(-1).numpy()  # both already L2-normalised by CLIPModel
+
+
+def test_clip_score_matches_direct_cosines(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from eval.clip import clip_score
+
+    images, captions = _clip_inputs()
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
+    expected = float(_cosines(model, processor, images, captions).mean())
+    assert expected > 0
+    assert clip_score(images, captions, tiny_clip_dir) == pytest.approx(expected, abs=1e-5)
+    # captions matter: shuffled captions give another score
+    assert clip_score(images, captions[::-1], tiny_clip_dir) != pytest.approx(expected, abs=1e-5)
+
+
+def test_clip_score_errors(tmp_path, tiny_clip_dir):
+    from eval.clip import clip_score
+
+    images, captions = _clip_inputs()
+    with pytest.raises(UserError, match="one caption per image"):
+        clip_score(images, captions[:2], tiny_clip_dir)
+    with pytest.raises(UserError, match="config.json"):
+        clip_score(images, captions, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_registry_directions_and_errors():
+    assert metrics.get_metric("fid").higher_is_better is False
+    assert metrics.get_metric("kid").higher_is_better is False
+    assert metrics.get_metric("nudenet").higher_is_better is False
+    assert metrics.get_metric("concept_rate").higher_is_better is False
+    assert metrics.get_metric("clip").higher_is_better is True
+    assert metrics.get_metric("ssim").higher_is_better is True
+    assert metrics.get_metric("train_time").higher_is_better is False
+    with pytest.raises(ValueError, match="already registered"):
+        metrics.register_metric("fid", higher_is_better=False)(lambda ev, cfg: None)
+    with pytest.raises(UserError, match="choose one of nudenet, concept_rate, fid, kid, clip, ssim"):
+        metrics.get_metric("fdi")
