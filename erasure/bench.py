@@ -1,0 +1,161 @@
+"""Benchmark: each method's reference (one-at-a-time) and optimized (teacher work in bulk) modes, side by side.
+
+``python -m erasure.bench [--model toyworld|tiny|sd14-random] [--quick] [--methods ours,esd] [--iterations N]``
+
+For every method, the same work runs twice in one process on the same model: ``trainer.teacher_batch=1``
+(the reference, as the official codes do it) and ``trainer.teacher_batch=N`` (optimized; methods whose
+sampler depends on the student stay sequential and report a speed-up of 1). Then generation: the eval
+generator (batched, per-row seeded) against a plain ``StableDiffusionPipeline`` call per image at the
+same settings. Prints a table and a final JSON line keyed by method.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+
+import torch
+
+from . import registry
+from .cli import CONF_DIR, setup_logging
+from .errors import exit_on_user_error
+from .models import load_models
+from .trainer import Session, TeacherBank, seed_everything
+
+log = logging.getLogger("erasure.bench")
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_training(models, base_state, overrides: list[str], iterations: int) -> dict:
+    """Seconds per iteration of ``iterations`` optimizer steps (method set-up excluded), from the same base weights."""
+    cfg = _compose(overrides + [f"trainer.iterations={iterations}", "trainer.preview_every=0", "logger=none"])
+    cls = registry.get_method(cfg.method.name)
+    mcfg = cls.parse_config(cfg.method)
+    models.unet.to(torch.float32)  # a previous session may have cast frozen weights to bf16
+    models.unet.load_state_dict(base_state)
+    models.unet.requires_grad_(False)
+    seed_everything(int(cfg.trainer.seed))
+    if models.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    session = Session.create(cfg, models, cls, mcfg)
+    _sync(models.device)
+    start = time.perf_counter()
+    for step in range(1, iterations + 1):
+        session.step(step)
+    _sync(models.device)
+    elapsed = time.perf_counter() - start
+    out = dict(s_per_it=elapsed / iterations, seconds=elapsed, setup_s=session.setup_time,
+               batched=isinstance(session.step_fn, TeacherBank), peak_rss_mb=peak_rss_mb())
+    if models.device.type == "cuda":
+        out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+@torch.no_grad()
+def time_generation(models, n: int, batch: int, steps: int) -> dict:
+    """images/s: the eval generator's batched, per-row-seeded pipeline calls vs one plain pipeline call per image."""
+    pipe = models.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"prompt number {i}" for i in range(n)]
+    kw = dict(num_inference_steps=steps, guidance_scale=7.5, height=models.resolution, width=models.resolution,
+              output_type="np")
+    pipe(prompts[:1], generator=torch.Generator("cpu").manual_seed(0), **kw)  # warm-up
+    _sync(models.device)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        pipe(p, generator=torch.Generator("cpu").manual_seed(i), **kw)
+    _sync(models.device)
+    plain = n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        chunk = prompts[i:i + batch]
+        pipe(chunk, generator=[torch.Generator("cpu").manual_seed(i + j) for j in range(len(chunk))], **kw)
+    _sync(models.device)
+    batched = n / (time.perf_counter() - start)
+    return dict(plain_images_per_s=plain, batched_images_per_s=batched, ratio=batched / plain, batch=batch, images=n)
+
+
+@exit_on_user_error
+def main(argv: list[str]) -> dict:
+    setup_logging()
+    ap = argparse.ArgumentParser(prog="python -m erasure.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="toyworld", help="toyworld | tiny | sd14-random (alias of sd14_random)")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (under 3 minutes on a 2-core CPU)")
+    ap.add_argument("--methods", default=None, help="comma-separated methods (default: all registered)")
+    ap.add_argument("--iterations", type=int, default=None, help="iterations per mode for `ours` (default 200; quick 40)")
+    ap.add_argument("--reference-iterations", type=int, default=None,
+                    help="iterations of the one-at-a-time reference (its s/it is stationary; default: same as optimized)")
+    ap.add_argument("--baseline-iterations", type=int, default=None, help="iterations per mode for other methods")
+    ap.add_argument("--teacher-batch", type=int, default=None, help="optimized mode's trainer.teacher_batch (default: = iterations)")
+    ap.add_argument("--generation-images", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--concept", default=None, help="concept config (default: the train config's)")
+    args = ap.parse_args(argv)
+    model = args.model.replace("-", "_")
+    methods = args.methods.split(",") if args.methods else registry.available()
+    its = args.iterations or (40 if args.quick else 200)
+    base_its = args.baseline_iterations or (3 if args.quick else 10)
+    base = [f"model={model}"] + ([f"concept={args.concept}"] if args.concept else []) + [f"trainer.device={args.device}"]
+    cfg0 = _compose(base)
+    models = load_models(cfg0.model, args.device)
+    base_state = {k: v.detach().clone() for k, v in models.unet.state_dict().items()}
+    results, rows = {}, []
+    for name in methods:
+        n = its if name == "ours" else base_its
+        tb = args.teacher_batch or n
+        ref_n = min(n, args.reference_iterations or n)
+        ref = time_training(models, base_state, base + [f"method={name}", "trainer.teacher_batch=1"], ref_n)
+        opt = time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={tb}"], n)
+        results[name] = dict(iterations=n, reference_iterations=ref_n, teacher_batch=tb,
+                             seconds_optimized=round(opt["seconds"], 2), s_per_it_reference=round(ref["s_per_it"], 5),
+                             s_per_it_optimized=round(opt["s_per_it"], 5),
+                             speedup=round(ref["s_per_it"] / opt["s_per_it"], 2),
+                             it_per_s_optimized=round(1 / opt["s_per_it"], 3),
+                             batched=opt["batched"], setup_s=round(opt["setup_s"], 2),
+                             peak_mem_mb=round(max(ref["peak_rss_mb"], opt["peak_rss_mb"]), 1))
+        if "peak_vram_mb" in opt:
+            results[name]["peak_vram_mb"] = round(opt["peak_vram_mb"], 1)
+        rows.append(name)
+        log.info("%s: %s", name, results[name])
+    models.unet.to(torch.float32)
+    models.unet.load_state_dict(base_state)
+    if models.device.type == "cuda" and models.dtype != torch.float32:
+        models.unet.to(models.dtype)  # inference in the model's half precision, as the evaluation does on GPU
+    gen_n = args.generation_images or (8 if args.quick else 32)
+    gen = time_generation(models, gen_n, batch=8, steps=int(cfg0.model.sample_steps))
+    device = torch.cuda.get_device_name() if models.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    lines = [f"model={model}  device={device}  torch={torch.__version__}",
+             f"{'method':<10}{'its':>5}{'batch':>6}{'s/it ref':>11}{'s/it opt':>11}{'it/s opt':>10}{'speed-up':>10}{'peak MB':>10}"]
+    for name in rows:
+        r = results[name]
+        lines.append(f"{name:<10}{r['iterations']:>5}{r['teacher_batch'] if r['batched'] else 1:>6}{r['s_per_it_reference']:>11.4f}"
+                     f"{r['s_per_it_optimized']:>11.4f}{r['it_per_s_optimized']:>10.2f}{r['speedup']:>9.2f}x"
+                     f"{r.get('peak_vram_mb', r['peak_mem_mb']):>10.0f}")
+    lines.append(f"generation: {gen['batched_images_per_s']:.2f} img/s batched (batch {gen['batch']}) vs "
+                 f"{gen['plain_images_per_s']:.2f} img/s plain pipeline, one image per call ({gen['ratio']:.2f}x)")
+    print("\n".join(lines), flush=True)
+    final = dict(results, generation=gen, device=device, model=model)
+    print(json.dumps(final), flush=True)
+    return final
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
