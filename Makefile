@@ -33,6 +33,10 @@ clean: ## remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
 
+.PHONY: toyworld
+toyworld: install ## rebuild the toy world (detector, tiny CLIP, VAE, UNet) from seed 0, then check its gates (~75 min, 2 CPU cores)
+	$(PY) -m erasure.toyworld.build
+
 # ---- Table 1 (issue 4): eval/ trains every registered method (or reuses its run folder), evaluates and reports.
 # Toy world by default. The paper's setting (users' machines with SD v1.4, COCO val2014 and a local CLIP ViT-L/14):
 #   make table1 MODEL=sd14 CONCEPT=nudity SUITE=sd14 TABLE1_ARGS="suite.reference.images=/data/coco/val2014 \
@@ -44,6 +48,10 @@ TABLE1_ARGS ?=
 HAVE_TOYWORLD := $(and $(wildcard conf/model/toyworld.yaml),$(wildcard conf/concept/circle.yaml),$(wildcard erasure/toyworld/model/model_index.json))
 SMOKE_MODEL ?= $(if $(HAVE_TOYWORLD),toyworld,tiny)
 SMOKE_CONCEPT ?= $(if $(HAVE_TOYWORLD),circle,nudity)
+# smoke only: fewer anchor/reference images and sampling steps inside the baselines' data preparation
+SMOKE_METHODS = '++method_overrides.ablating="method.num_anchor_images=4 method.anchor_steps=4"' \
+  '++method_overrides.fmn="method.num_reference_images=2 method.reference_steps=4"' \
+  '++method_overrides.esd="method.ddim_steps=4"' '++method_overrides.sdd="method.ddim_steps=4"'
 SMOKE_SIZES = suite.prompt_sets.target.n=8 suite.prompt_sets.captions.n=8 suite.prompt_sets.objects.n=4 \
   suite.reference.n=8 suite.metrics.kid.subset_size=null
 .PHONY: table1 table1-smoke
@@ -54,4 +62,15 @@ table1: install ## Table 1: every method trained/reused, evaluated -> outputs/ta
 table1-smoke: install ## the Table-1 pipeline at tiny sizes (2 iterations, 8 prompts) -> outputs/table1-smoke/ (< 5 min)
 	$(PY) -m eval.table1 model=$(SMOKE_MODEL) concept=$(SMOKE_CONCEPT) suite=$(SMOKE_MODEL) out=outputs/table1-smoke \
 	  'train_overrides="trainer.iterations=2 trainer.preview_every=0"' \
-	  '++method_overrides.ablating="method.num_anchor_images=4 method.anchor_steps=4"' $(SMOKE_SIZES) $(TABLE1_ARGS)
+	  $(SMOKE_METHODS) $(SMOKE_SIZES) $(TABLE1_ARGS)
+
+.PHONY: bench bench-quick bench-gpu
+bench-quick: install ## CPU benchmark, reference vs optimized, toy world (under 3 minutes)
+	$(PY) -m erasure.bench --quick
+
+bench: install ## CPU benchmark at the paper's 200 iterations (toy world)
+	$(PY) -m erasure.bench
+
+bench-gpu: ## GPU benchmark on SD v1.4's architecture with random weights (about 4 minutes on an H200)
+	python3 -m erasure.bench --model sd14-random --methods ours,esd --iterations 200 --teacher-batch 50 \
+	    --reference-iterations 30 --baseline-iterations 3 --generation-images 8

@@ -37,7 +37,7 @@ def eps_all(eps_fn: EpsFn, x: torch.Tensor, timestep, conds: Sequence[torch.Tens
     b, k = x.shape[0], len(conds)
     embs = torch.cat([c.expand(b, *c.shape[1:]) for c in conds])
     if torch.is_tensor(timestep) and timestep.ndim == 1:
-        timestep = timestep.repeat(k)
+        timestep = timestep.to(x.device).repeat(k)
     out = eps_fn(x.repeat(k, 1, 1, 1), timestep, embs)
     return list(out.chunk(k))
 
