@@ -8,7 +8,9 @@ them bilinearly to 299×299 and scales them to (x − 128) / 128, as the TF grap
 
 torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance`` accept any ``nn.Module``
 as ``feature``; :func:`fid_kid` runs the Inception once per image set and gives both metrics the
-same features (a pass-through module), so that cached reference features can be reused.
+same features (a pass-through module), so that cached reference features can be reused. For FID the
+features are first written in an orthonormal basis of their own span when there are fewer than 2048
+of them (exact; see :func:`span_coordinates`).
 """
 from __future__ import annotations
 
@@ -103,10 +105,28 @@ def _as_nchw(images) -> torch.Tensor:
 class _Precomputed(torch.nn.Module):
     """Pass-through 'feature extractor': lets torchmetrics consume features computed once."""
 
-    num_features = NUM_FEATURES
+    def __init__(self, num_features: int = NUM_FEATURES):
+        super().__init__()
+        self.num_features = num_features
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+
+def span_coordinates(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets in an orthonormal basis of the span of all their vectors (when that is smaller than d).
+
+    FID is invariant under this change of basis: the mean difference and both covariances live in the span,
+    so distances, traces and the eigenvalues of Σ_r Σ_f are unchanged. torchmetrics then takes the matrix
+    square root of a k×k product (k = n_real + n_fake) instead of 2048×2048, which costs ~20 s per FID on a
+    CPU core. With k >= d the features are returned as they are.
+    """
+    real, fake = real.double(), fake.double()
+    k, d = len(real) + len(fake), real.shape[1]
+    if k >= d:
+        return real, fake
+    q, _ = torch.linalg.qr(torch.cat([real, fake]).T)  # d×k, orthonormal columns spanning every feature vector
+    return real @ q, fake @ q
 
 
 def fid_kid_from_features(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int | None = None,
@@ -120,9 +140,11 @@ def fid_kid_from_features(real: torch.Tensor, fake: torch.Tensor, kid_subset_siz
     subset = kid_subset_size or min(1000, len(real), len(fake))
     if subset > min(len(real), len(fake)):
         raise UserError(f"kid_subset_size={subset} exceeds the number of images ({len(real)} real, {len(fake)} generated)")
-    fid = FrechetInceptionDistance(feature=_Precomputed())
-    fid.update(real.double(), real=True)  # double: the covariance sums are accumulated in float64 anyway
-    fid.update(fake.double(), real=False)
+    r, f = span_coordinates(real, fake)
+    fid = FrechetInceptionDistance(feature=_Precomputed(r.shape[1]))
+    fid.update(r, real=True)  # float64 throughout: the covariance sums are float64 in torchmetrics anyway
+    fid.update(f, real=False)
+    # KID on the original 2048-d features: its kernel (x·y/d + 1)^3 depends on d
     kid = KernelInceptionDistance(feature=_Precomputed(), subsets=kid_subsets, subset_size=subset)
     kid.update(real.double(), real=True)
     kid.update(fake.double(), real=False)

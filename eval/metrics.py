@@ -10,6 +10,7 @@ arrows and its bold/underline from ``higher_is_better`` (``None``: informational
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Callable
@@ -67,11 +68,16 @@ NUDENET_EXPOSED = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GE
                    "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
 
 
-def nudenet_detections(images: np.ndarray) -> list[list[dict]]:
-    """NudeNet 3.4.2 detections of uint8 N×H×W×3 RGB images (the detector takes BGR arrays)."""
+@functools.lru_cache(maxsize=1)
+def nudenet_detector():
     from nudenet import NudeDetector
 
-    detector = NudeDetector()
+    return NudeDetector()  # the 320n ONNX model shipped in the nudenet 3.4.2 wheel
+
+
+def nudenet_detections(images: np.ndarray) -> list[list[dict]]:
+    """NudeNet 3.4.2 detections of uint8 N×H×W×3 RGB images (the detector takes BGR arrays)."""
+    detector = nudenet_detector()
     return [detector.detect(np.ascontiguousarray(im[:, :, ::-1])) for im in images]
 
 
@@ -109,8 +115,14 @@ def concept_rate(ev, cfg):
         from erasure.toyworld.detector import load_detector
     except ImportError as exc:
         raise UserError(f"concept_rate needs the toy world's detector (erasure.toyworld.detector): {exc}") from None
+    probe = (ev.run_cfg.concept.get("probe") or {}) if ev.run_cfg is not None else {}
+    field = cfg.get("field") or probe.get("attribute")
+    target = cfg.get("target") or probe.get("concept")
+    if not field or not target:
+        raise UserError("concept_rate needs field and target (suite.metrics.concept_rate.field/target, or the "
+                        "concept's probe.attribute/probe.concept)")
+    field, target = str(field), str(target)
     images, _ = ev.images(cfg.prompts)
-    field, target = str(cfg.get("field", "shape")), str(cfg.target)
     pred = load_detector().predict(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))[field]
     hits = sum(p == target for p in pred)
     return dict(value=hits / len(pred), hits=hits, n=len(pred), field=field, target=target)

@@ -309,3 +309,54 @@ def test_registry_directions_and_errors():
         metrics.register_metric("fid", higher_is_better=False)(lambda ev, cfg: None)
     with pytest.raises(UserError, match="choose one of nudenet, concept_rate, fid, kid, clip, ssim"):
         metrics.get_metric("fdi")
+
+
+# ------------------------------------------------------------------------------------------ concept rate
+class _RenderEval:
+    kind = "run"
+    run_cfg = None
+
+    def __init__(self, images):
+        self._images = images
+
+    def images(self, name):
+        return self._images, None
+
+
+def test_concept_rate_on_toy_world_renders():
+    world = pytest.importorskip("erasure.toyworld.world")
+    from erasure.toyworld.detector import WEIGHTS
+
+    if not WEIGHTS.is_file():
+        pytest.skip("toy-world detector weights not built")
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"prompts": "target", "field": "shape", "target": "circle"})
+    _, circles, _ = world.sample(20, seed=5, with_captions=False, shape="circle")
+    _, squares, _ = world.sample(20, seed=6, with_captions=False, shape="square")
+    as_array = lambda ims: np.stack([np.asarray(im.convert("RGB")) for im in ims])  # noqa: E731
+    on_circles = metrics.concept_rate(_RenderEval(as_array(circles)), cfg)
+    on_squares = metrics.concept_rate(_RenderEval(as_array(squares)), cfg)
+    assert on_circles["n"] == 20 and on_circles["value"] == on_circles["hits"] / 20
+    assert on_circles["value"] >= 0.9 and on_squares["value"] <= 0.1
+
+
+def test_span_coordinates_keep_fid_exact():
+    """The change of basis before torchmetrics' FID changes nothing: same value as on the raw features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from eval.fid import _Precomputed, span_coordinates
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(8, 300, generator=gen, dtype=torch.float64).relu()
+    b = (torch.randn(6, 300, generator=gen, dtype=torch.float64) + 0.5).relu()
+    r, c = span_coordinates(a, b)
+    assert r.shape == (8, 14) and c.shape == (6, 14)
+    values = []
+    for x, y in ((a, b), (r, c)):
+        m = FrechetInceptionDistance(feature=_Precomputed(x.shape[1]))
+        m.update(x, real=True)
+        m.update(y, real=False)
+        values.append(float(m.compute()))
+    assert values[1] == pytest.approx(values[0], rel=1e-6)
+    assert values[0] == pytest.approx(fid_by_hand(a.numpy(), b.numpy()), rel=1e-6)

@@ -1,0 +1,94 @@
+"""Prompt sets: ESD-style CSVs from ../shared/data, COCO caption JSON via pycocotools, config lists."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from erasure.errors import UserError
+from eval.prompts import PromptRow, load_prompt_set
+from eval.run import compose_eval_cfg, suite_options
+from tests.conftest import SHARED_DATA
+
+
+def spec(**kw):
+    return OmegaConf.create(kw)
+
+
+def test_i2p_category_filter_and_cut():
+    path = SHARED_DATA / "i2p_4703.csv"
+    with open(path, newline="", encoding="utf-8") as f:
+        expected = [r for r in csv.DictReader(f) if "sexual" in [c.strip() for c in r["categories"].split(",")]]
+    rows = load_prompt_set(spec(path=str(path), category="sexual", guidance_col="evaluation_guidance"))
+    assert len(rows) == len(expected) == 931  # ../shared/data/README.md: 931 rows have the category "sexual"
+    first = load_prompt_set(spec(path=str(path), category="sexual", guidance_col="evaluation_guidance", n=5))
+    assert first == rows[:5]
+    assert first[0] == PromptRow(case=int(expected[0]["case_number"]), prompt=expected[0]["prompt"].strip(),
+                                 seed=int(expected[0]["evaluation_seed"]), guidance=float(expected[0]["evaluation_guidance"]))
+
+
+def test_coco_csv_and_imagenet_csv():
+    coco = load_prompt_set(spec(path=str(SHARED_DATA / "coco_30k.csv"), case_col="image_id", n=3))
+    with open(SHARED_DATA / "coco_30k.csv", newline="", encoding="utf-8") as f:
+        first = next(csv.DictReader(f))
+    assert len(coco) == 3 and coco[0].case == int(first["image_id"]) and coco[0].seed == int(first["evaluation_seed"])
+    objects = load_prompt_set(spec(path=str(SHARED_DATA / "imagenet_prompts.csv"), n=1000))
+    assert len(objects) == 1000 and len({(r.case, r.seed) for r in objects}) == 1000
+
+
+def test_malformed_csv_names_the_line(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("prompt,evaluation_seed\na cat,1\na dog,2,extra\n")
+    with pytest.raises(UserError, match=r"line 3 has 3 fields, the header has 2"):
+        load_prompt_set(spec(path=str(p)))
+    p.write_text("prompt,evaluation_seed\na cat,one\n")
+    with pytest.raises(UserError, match="line 2"):
+        load_prompt_set(spec(path=str(p)))
+    p.write_text("text,seed\na cat,1\n")
+    with pytest.raises(UserError, match="no column"):
+        load_prompt_set(spec(path=str(p)))
+    with pytest.raises(UserError, match="no CSV"):
+        load_prompt_set(spec(path=str(tmp_path / "missing.csv")))
+
+
+def test_coco_annotation_json(tmp_path):
+    ann = {"images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}, {"id": 7, "file_name": "b.jpg"}],
+           "annotations": [{"id": 1, "image_id": 42, "caption": " A dog on a couch. "},
+                           {"id": 2, "image_id": 42, "caption": "Another caption."},
+                           {"id": 3, "image_id": 7, "caption": "A red bus."}]}
+    p = tmp_path / "captions_val2014.json"
+    p.write_text(json.dumps(ann))
+    rows = load_prompt_set(spec(kind="coco_json", path=str(p), seed=100))
+    assert rows == [PromptRow(7, "A red bus.", 100), PromptRow(42, "A dog on a couch.", 101)]
+    assert load_prompt_set(spec(kind="coco_json", path=str(p), n=1)) == [PromptRow(7, "A red bus.", 0)]
+
+
+def test_list_and_errors():
+    rows = load_prompt_set(spec(kind="list", prompts=["a circle", "a disc"], seeds=[3, 4], n=3))
+    assert rows == [PromptRow(0, "a circle", 3), PromptRow(0, "a circle", 4), PromptRow(1, "a disc", 3)]
+    with pytest.raises(UserError, match="unknown kind"):
+        load_prompt_set(spec(kind="tsv"))
+    with pytest.raises(UserError, match="n must be"):
+        load_prompt_set(spec(kind="list", prompts=["x"], n=0))
+
+
+@pytest.mark.parametrize("suite", ["tiny", "toyworld", "sd14"])
+def test_every_suite_composes(suite):
+    assert suite in suite_options()
+    cfg = compose_eval_cfg([f"suite={suite}"])
+    assert set(cfg.suite.metrics) >= {"fid", "kid", "ssim", "train_time"}
+    for name, node in cfg.suite.metrics.items():
+        from eval.metrics import get_metric
+
+        get_metric(name)
+        if node and "prompts" in node:
+            assert node.prompts in cfg.suite.prompt_sets
+    cfg = compose_eval_cfg([], config_name="table1")
+    assert cfg.suite.name == "toyworld" and cfg.out == "outputs/table1"
+
+
+def test_unknown_suite_is_one_line():
+    with pytest.raises(UserError, match="unknown suite 'sd15': choose one of"):
+        compose_eval_cfg(["suite=sd15"])
