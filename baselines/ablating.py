@@ -127,6 +127,13 @@ class Ablating(ErasureMethod):
         self._order: list[int] = []
         self._emb_cache: dict[str, torch.Tensor] = {}
 
+    def state_dict(self) -> dict:
+        return {"order": list(self._order), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order = [int(i) for i in state["order"]]
+        self.rng.bit_generator.state = state["rng"]
+
     def _next_index(self) -> int:
         if not self._order:
             self._order = torch.randperm(len(self.latents), generator=self.ctx.generator).tolist()

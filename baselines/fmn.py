@@ -165,6 +165,12 @@ class ForgetMeNot(ErasureMethod):
         self.recorder = AttentionRecorder()
         self._order: list[int] = []
 
+    def state_dict(self) -> dict:
+        return {"order": list(self._order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order = [int(i) for i in state["order"]]
+
     def _next_index(self) -> int:
         if not self._order:  # train_attn.py: DataLoader(shuffle=True), batch size 1
             self._order = torch.randperm(len(self.latents), generator=self.ctx.generator).tolist()

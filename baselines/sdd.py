@@ -98,6 +98,14 @@ class SDD(ErasureMethod):
     def after_step(self, step: int) -> None:
         ema_update(self.ema.params, self.ctx.trainable, self.cfg.ema_decay)
 
+    def state_dict(self) -> dict:
+        return {"ema": dict(self.ema.params)}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, value in state["ema"].items():
+                self.ema.params[name].copy_(value)
+
     def export_params(self) -> dict[str, torch.Tensor]:
         """The EMA teacher is the erased model (train_sdd.py saves and evaluates ``unet_teacher``)."""
         return {name: p.detach() for name, p in self.ema.params.items()}

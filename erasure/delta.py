@@ -5,6 +5,7 @@ Metadata: ``base_model``, ``base_fingerprint`` (see :attr:`Models.fingerprint`),
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from .errors import UserError
 
 FORMAT = "erasure-delta/1"
+META_KEY = "erasure"
 
 
 def atomic_path(path: Path):
@@ -32,7 +34,9 @@ def save_delta(path: str | Path, params: dict[str, torch.Tensor], metadata: dict
     meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
     tmp = atomic_path(path)
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        # one metadata key holding sorted JSON: safetensors writes several keys in hash order, which would make
+        # the bytes of two identical deltas differ (and so their sha256, the evaluation cache's key)
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -47,7 +51,8 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise UserError(f"no delta at '{path}': pass a run folder that holds delta.safetensors")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+            raw = dict(f.metadata() or {})
+        meta = json.loads(raw[META_KEY]) if META_KEY in raw else raw
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"'{path}' is not a readable safetensors delta ({exc}): re-run training or copy the file again") from None

@@ -123,6 +123,13 @@ class ErasureMethod:
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. an EMA update)."""
 
+    def state_dict(self) -> dict:
+        """The method's own state that changes during training (tensors and JSON values), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     def export_params(self) -> dict[str, torch.Tensor]:
         """The weights that make the erased model (saved in the delta and used for previews)."""
         return {name: p.detach() for name, p in self.ctx.trainable.items()}

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import registry
 from .delta import atomic_path, save_delta
+from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
 from .images import grid, save_png
 from .loggers import make_logger
@@ -187,6 +188,31 @@ class Session:
             if teacher_batch > 1 and method.supports_teacher_bank else method.training_step
         return cls(cfg, models, trainable, teacher, method, optimizer, step_fn, precision, setup_time)
 
+    def state(self, step: int) -> dict:
+        """Everything a resumed run needs to continue exactly (see erasure/checkpoint.py)."""
+        opt = self.optimizer.state_dict()
+        return {
+            "params": {n: p.detach() for n, p in self.trainable.items()},
+            "optimizer": {"state": opt["state"], "param_groups": opt["param_groups"]},
+            "rng": {**rng_state(), "method_generator": self.method.ctx.generator.get_state()},
+            "method": self.method.state_dict(),
+            "bank": list(self.step_fn.queue) if isinstance(self.step_fn, TeacherBank) else [],
+        }
+
+    def restore(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.trainable[name].copy_(value)
+        opt = state["optimizer"]
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt["param_groups"]]
+        self.optimizer.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()}, "param_groups": groups})
+        set_rng_state(state["rng"])
+        self.method.ctx.generator.set_state(state["rng"]["method_generator"])
+        self.method.load_state_dict(state["method"])
+        if isinstance(self.step_fn, TeacherBank):
+            device = self.models.device
+            self.step_fn.queue = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in w.items()} for w in state["bank"]]
+
     def autocast(self):
         return precision_context(self.models.device, self.precision)
 
@@ -194,7 +220,7 @@ class Session:
         """One optimizer step; returns the (detached) loss terms. Stops on a non-finite term."""
         with self.autocast():
             terms = self.step_fn(step)
-        for name, value in terms.items():
+        for name, value in sorted(terms.items(), key=lambda kv: kv[0] == "loss"):  # name a component before the total
             if not torch.isfinite(value).all():
                 raise UserError(f"loss term '{name}' became {value.item()} at step {step}: lower the learning rate "
                                 f"(method.lr) or check the inputs; the run stopped")
@@ -224,11 +250,24 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> Path:
-    """Run one erasure job; writes config.yaml, metrics.jsonl, samples/, timeline.png, delta.safetensors, summary.json."""
+    """Run one erasure job; writes config.yaml, metrics.jsonl, samples/, timeline.png, delta.safetensors, summary.json.
+
+    With ``resume=<run folder>`` the run continues in that folder from its last checkpoint, with its saved config.
+    """
+    resume = cfg.get("resume")
+    if resume:
+        run_dir = Path(str(resume))
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"cannot resume '{run_dir}': it holds no config.yaml; pass a run folder written by erasure.train")
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise UserError(f"cannot resume '{run_dir}': it has no checkpoint (train with trainer.checkpoint_every=<n>)")
+        cfg = OmegaConf.load(run_dir / "config.yaml")
     run_dir = Path(run_dir)
     method_cls, method_cfg = validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if not resume:
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     tr = cfg.trainer
     seed_everything(int(tr.seed))
@@ -236,19 +275,31 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     base_fingerprint = models.fingerprint
     session = Session.create(cfg, models, method_cls, method_cfg)
     method, optimizer, trainable, teacher = session.method, session.optimizer, session.trainable, session.teacher
+    start_step = 1
+    if resume:
+        done, state = load_checkpoint(checkpoints[-1])
+        session.restore(state)
+        start_step = done + 1
+        log.info("resuming %s from %s (step %d)", run_dir, checkpoints[-1].name, done)
     logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir)
 
     iterations = int(tr.iterations)
     every = int(tr.preview_every) if tr.preview_every else 0
     previews = Previews(models, cfg, run_dir / "samples")
-    if every:
+    if every and start_step == 1:
         with session.autocast():
             logger.log_image("preview", previews(0, method.export_params()), 0)
+    checkpoint_every = int(tr.get("checkpoint_every") or 0)
+    keep = int(tr.get("keep_checkpoints", 2))
 
     metrics_path = run_dir / "metrics.jsonl"
+    if start_step > 1:  # keep the metrics of the steps the checkpoint covers, drop any written after it
+        lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+        write_text_atomic(metrics_path, "".join(l + "\n" for l in lines if json.loads(l)["step"] < start_step))
     start = time.perf_counter()
-    with open(metrics_path, "w") as metrics_file, tqdm(range(1, iterations + 1), desc=f"erasing ({method_cls.name})",
-                                                        dynamic_ncols=True, disable=None) as bar:
+    with open(metrics_path, "a" if start_step > 1 else "w") as metrics_file, \
+            tqdm(range(start_step, iterations + 1), desc=f"erasing ({method_cls.name})", dynamic_ncols=True,
+                 disable=None) as bar:
         for step in bar:
             terms = session.step(step)
             record = {"step": step, **{k: v.item() for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"]}
@@ -259,6 +310,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
             if every and (step % every == 0 or step == iterations):
                 with session.autocast():
                     logger.log_image("preview", previews(step, method.export_params()), step)
+            if checkpoint_every and step % checkpoint_every == 0 and step < iterations:
+                save_checkpoint(run_dir, step, session.state(step), keep)
     train_time = time.perf_counter() - start
 
     meta = dict(base_model=models.source, base_fingerprint=base_fingerprint, model=cfg.model.name,

@@ -1,0 +1,74 @@
+"""Kill a training run with SIGKILL at a random step, resume it, and get a bit-identical delta."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from erasure.checkpoint import list_checkpoints
+from tests.conftest import ROOT, run_cli
+
+COMMON = ["model=tiny", "concept=nudity", "trainer.iterations=8", "trainer.checkpoint_every=2",
+          "trainer.keep_checkpoints=2", "trainer.preview_every=0", "method.lr=1e-3"]
+
+
+def _kill_resume_compare(tmp_path, extra):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    r = run_cli(["-m", "erasure.train", *COMMON, *extra, f"hydra.run.dir={ref}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    kill_after = random.Random(os.getpid()).randint(3, 6)  # a random step, after at least one checkpoint
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "erasure.train", *COMMON, *extra, f"hydra.run.dir={killed}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after and list_checkpoints(killed):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "delta.safetensors").exists()
+    assert 1 <= len(list_checkpoints(killed)) <= 2  # pruned to keep_checkpoints
+
+    r = run_cli(["-m", "erasure.train", f"resume={killed}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (killed / "delta.safetensors").read_bytes() == (ref / "delta.safetensors").read_bytes()
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # no duplicated or missing step after the resume
+
+
+def test_kill_and_resume_is_bit_identical_ours_with_teacher_bank(tmp_path):
+    _kill_resume_compare(tmp_path, ["method=ours", "method.T=6", "trainer.teacher_batch=3"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sdd", "esd"])
+def test_kill_and_resume_is_bit_identical_baselines(tmp_path, method):
+    _kill_resume_compare(tmp_path, [f"method={method}", "method.ddim_steps=6"])
+
+
+def test_non_finite_loss_stops_naming_term_and_step_and_keeps_the_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(["-m", "erasure.train", "model=tiny", "concept=nudity", "trainer.iterations=30", "trainer.checkpoint_every=1",
+                 "trainer.preview_every=0", "method.T=4", "method.lr=1e30", f"hydra.run.dir={run}"])
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "became" in lines[0] and "at step" in lines[0], r.stderr
+    assert "'concept'" in lines[0] or "'penalty'" in lines[0]  # the term is named, not just the total
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    assert step >= 2
+    kept = list_checkpoints(run)
+    assert kept and kept[-1].name == f"step_{step - 1:06d}"
+    assert not (run / "delta.safetensors").exists()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.yaml").write_text("method: {name: ours}\n")
+    r = run_cli(["-m", "erasure.train", f"resume={tmp_path}"])
+    assert r.returncode == 2 and "has no checkpoint" in r.stderr and "Traceback" not in r.stderr
