@@ -35,3 +35,60 @@ def check_group_overrides(argv: list[str]) -> None:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+
+def _hydra_flags_and_overrides(argv: list[str]) -> tuple[list[str], bool]:
+    overrides, multirun, skip = [], False, False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir"):
+            skip = True
+        elif arg.startswith("-"):
+            continue
+        elif not arg.startswith(("hydra.", "hydra/", "+hydra")):
+            overrides.append(arg)
+    return overrides, multirun
+
+
+def precheck_train_args(argv: list[str], max_jobs: int = 64) -> None:
+    """Compose and validate the configs a command line asks for, before Hydra starts any job.
+
+    Unknown keys, bad values, and (for ``-m``) every value of every sweep are checked here, so that a typo
+    ends in one sentence instead of a Hydra trace, and a sweep fails before its first job, not at its 30th.
+    """
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_group_overrides(argv)
+    overrides, multirun = _hydra_flags_and_overrides(argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise UserError(f"cannot parse the command line: {str(exc).splitlines()[0]}") from None
+    choices = []
+    for ov, text in zip(parsed, overrides):
+        if multirun and ov.is_sweep_override() and not ov.is_discrete_sweep():
+            return  # range/interval sweeps: leave them to Hydra
+        values = list(ov.sweep_string_iterator()) if multirun and ov.is_sweep_override() else [None]
+        key = text.split("=", 1)[0]
+        choices.append([text if v is None else f"{key}={v}" for v in values])
+    combos = list(itertools.islice(itertools.product(*choices), max_jobs)) if choices else [()]
+    from .trainer import validate
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for combo in combos:
+            try:
+                cfg = compose(config_name="train", overrides=list(combo))
+            except (HydraException, OmegaConfBaseException) as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise UserError(f"{first.rstrip('.')}: check the spelling of the key or value (`python -m erasure.train --cfg job` prints the config)") from None
+            if not cfg.get("resume"):
+                validate(cfg)

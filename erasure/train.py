@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .cli import check_group_overrides
+from .cli import precheck_train_args
 from .errors import UserError, fail
 
 
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     try:
-        check_group_overrides(sys.argv[1:])
+        precheck_train_args(sys.argv[1:])
     except UserError as exc:
         fail(str(exc))
     main()

@@ -43,11 +43,23 @@ def seed_everything(seed: int) -> None:
 
 def validate(cfg: DictConfig):
     """Check the whole config before any model loads; returns (method class, typed method config)."""
+    from .schemas import check_all
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # an interpolation that does not resolve
+        raise UserError(f"the config does not resolve: {str(exc).strip().splitlines()[0]}") from None
+    check_all(cfg)
     method_cls = registry.get_method(str(cfg.method.name))
     method_cfg = method_cls.parse_config(cfg.method)
     tr = cfg.trainer
     if int(tr.iterations) < 1:
         raise UserError(f"trainer.iterations must be at least 1, got {tr.iterations}")
+    for key, low in (("teacher_batch", 1), ("keep_checkpoints", 1), ("preview_every", 0), ("checkpoint_every", 0)):
+        if int(tr.get(key, low)) < low:
+            raise UserError(f"trainer.{key} must be at least {low}, got {tr.get(key)}")
+    if str(tr.get("precision", "auto")) not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        raise UserError(f"unknown trainer.precision '{tr.precision}': choose auto, float32 or bfloat16")
     targets = list(cfg.concept.get("targets") or [])
     if not targets or any(not str(t).strip() for t in targets):
         raise UserError(f"concept '{cfg.concept.get('name')}' has no target text: set concept.targets to a list of prompts")
@@ -182,8 +194,6 @@ class Session:
         optimizer = torch.optim.AdamW(method.parameters(), lr=method.learning_rate(), betas=tuple(method_cfg.adam_betas),
                                       eps=method_cfg.adam_eps, weight_decay=method_cfg.weight_decay)
         teacher_batch = int(tr.get("teacher_batch", 1))
-        if teacher_batch < 1:
-            raise UserError(f"trainer.teacher_batch must be at least 1, got {teacher_batch}")
         step_fn = TeacherBank(method, teacher_batch, int(tr.iterations)) \
             if teacher_batch > 1 and method.supports_teacher_bank else method.training_step
         return cls(cfg, models, trainable, teacher, method, optimizer, step_fn, precision, setup_time)
