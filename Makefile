@@ -48,7 +48,8 @@ TABLE1_ARGS ?=
 HAVE_TOYWORLD := $(and $(wildcard conf/model/toyworld.yaml),$(wildcard conf/concept/circle.yaml),$(wildcard erasure/toyworld/model/model_index.json))
 SMOKE_MODEL ?= $(if $(HAVE_TOYWORLD),toyworld,tiny)
 SMOKE_CONCEPT ?= $(if $(HAVE_TOYWORLD),circle,nudity)
-# smoke only: fewer anchor/reference images and sampling steps inside the baselines' data preparation
+# smoke only: 2 iterations, no previews, a 1-seed detector probe (toy concepts), fewer anchor/reference images and sampling steps inside the baselines' data preparation
+SMOKE_TRAIN = trainer.iterations=2 trainer.preview_every=0 $(if $(filter circle,$(SMOKE_CONCEPT)),concept.probe.seeds=1,)
 SMOKE_METHODS = '++method_overrides.ablating="method.num_anchor_images=4 method.anchor_steps=4"' \
   '++method_overrides.fmn="method.num_reference_images=2 method.reference_steps=4"' \
   '++method_overrides.esd="method.ddim_steps=4"' '++method_overrides.sdd="method.ddim_steps=4"'
@@ -61,8 +62,8 @@ table1: install ## Table 1: every method trained/reused, evaluated -> outputs/ta
 
 table1-smoke: install ## the Table-1 pipeline at tiny sizes (2 iterations, 8 prompts) -> outputs/table1-smoke/ (< 5 min)
 	$(PY) -m eval.table1 model=$(SMOKE_MODEL) concept=$(SMOKE_CONCEPT) suite=$(SMOKE_MODEL) out=outputs/table1-smoke \
-	  'train_overrides="trainer.iterations=2 trainer.preview_every=0"' \
-	  $(SMOKE_METHODS) $(SMOKE_SIZES) $(TABLE1_ARGS)
+	  'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) $(SMOKE_SIZES) $(TABLE1_ARGS)
+# ---- end of Table 1
 
 .PHONY: bench bench-quick bench-gpu
 bench-quick: install ## CPU benchmark, reference vs optimized, toy world (under 3 minutes)

@@ -34,6 +34,9 @@ def load_records(paths: list[str | Path]) -> list[dict]:
         records.append(json.loads(f.read_text()))
     if not records:
         raise UserError("no evaluations given: pass folders that hold eval.json")
+    records = [r for r in records if r.get("metrics")]  # e.g. a reference row when the suite has no CLIP score
+    if not records:
+        raise UserError("the evaluations hold no metric values")
     return sorted(records, key=lambda r: KIND_ORDER.get(r.get("kind"), 1))  # stable: methods keep their order
 
 

@@ -92,3 +92,12 @@ def test_every_suite_composes(suite):
 def test_unknown_suite_is_one_line():
     with pytest.raises(UserError, match="unknown suite 'sd15': choose one of"):
         compose_eval_cfg(["suite=sd15"])
+
+
+def test_eval_run_cli_errors_are_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli(["-m", "eval.run", f"run={tmp_path}"])
+    assert proc.returncode == 2 and "is not a run folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(["-m", "eval.run", "system=reference", "suite=nope"])
+    assert proc.returncode == 2 and "unknown suite 'nope'" in proc.stderr
