@@ -94,3 +94,10 @@ def test_method_yaml_matches_its_schema_defaults():
                 continue
             assert getattr(parsed, key) == pytest.approx(getattr(schema, key)) if isinstance(getattr(schema, key), float) \
                 else getattr(parsed, key) == getattr(schema, key), f"{option}.{key}: yaml and schema disagree"
+
+
+def test_generate_on_a_folder_that_is_no_run_is_refused(tmp_path):
+    from erasure.generate import load_run
+
+    with pytest.raises(UserError, match="is not a run folder"):
+        load_run(tmp_path, "cpu")
