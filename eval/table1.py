@@ -43,19 +43,52 @@ def train_overrides(cfg: DictConfig, method: str) -> list[str]:
     return _overrides(cfg.train_overrides) + _overrides((cfg.get("method_overrides") or {}).get(method))
 
 
-def train_method(method: str, cfg: DictConfig, run_dir: Path) -> None:
-    args = [sys.executable, "-m", "erasure.train", f"method={method}", f"model={cfg.model}", f"concept={cfg.concept}",
+def train_command(method: str, cfg: DictConfig, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "erasure.train", f"method={method}", f"model={cfg.model}", f"concept={cfg.concept}",
             f"hydra.run.dir={run_dir}", *train_overrides(cfg, method)]
-    log.info("training %s: %s", method, " ".join(args[1:]))
-    start = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_stdout.log").write_text(proc.stdout)
-    if proc.returncode != 0 or not finished(run_dir):
-        tail = " | ".join(proc.stdout.strip().splitlines()[-2:])
-        raise UserError(f"training '{method}' failed (exit {proc.returncode}): {tail} (full log: {run_dir}/train_stdout.log)")
-    log.info("trained %s in %.0f s", method, time.perf_counter() - start)
+
+
+def train_methods(methods: list[str], cfg: DictConfig, out: Path) -> tuple[dict, dict]:
+    """Train the methods that have no finished run, ``cfg.jobs`` subprocesses at a time.
+
+    Returns ({method: seconds}, {method: error}). Each job's output goes to <run>/train_stdout.log.
+    """
+    todo = []
+    for m in methods:
+        run_dir = out / "runs" / m
+        if cfg.reuse and finished(run_dir):
+            log.info("reusing the finished run %s", run_dir)
+        else:
+            todo.append(m)
+    jobs = max(1, int(cfg.get("jobs") or 1))
+    running: dict[str, tuple] = {}
+    timings, failed = {}, {}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    while todo or running:
+        while todo and len(running) < jobs:
+            m = todo.pop(0)
+            run_dir = out / "runs" / m
+            run_dir.mkdir(parents=True, exist_ok=True)
+            args = train_command(m, cfg, run_dir)
+            log.info("training %s: %s", m, " ".join(args[1:]))
+            logf = open(run_dir / "train_stdout.log", "w")
+            running[m] = (subprocess.Popen(args, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT),
+                          logf, time.perf_counter(), run_dir)
+        time.sleep(0.5)
+        for m, (proc, logf, t0, run_dir) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            logf.close()
+            del running[m]
+            if proc.returncode != 0 or not finished(run_dir):
+                lines = (run_dir / "train_stdout.log").read_text().strip().splitlines()
+                failed[m] = (f"training '{m}' failed (exit {proc.returncode}): {' | '.join(lines[-2:])} "
+                             f"(full log: {run_dir}/train_stdout.log)")
+                log.error("%s", failed[m])
+            else:
+                timings[m] = round(time.perf_counter() - t0, 1)
+                log.info("trained %s in %.0f s", m, timings[m])
+    return timings, failed
 
 
 def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path) -> DictConfig:
@@ -74,21 +107,9 @@ def table1(cfg: DictConfig) -> dict:
     unknown = [m for m in methods if m not in registry.available()]
     if unknown:
         raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(registry.available())}")
-    runs, failed, timings = [], {}, {}
-    for m in methods:
-        run_dir = out / "runs" / m
-        if cfg.reuse and finished(run_dir):
-            log.info("reusing the finished run %s", run_dir)
-        else:
-            t0 = time.perf_counter()
-            try:
-                train_method(m, cfg, run_dir)
-            except UserError as exc:  # one broken method must not cost the whole table
-                log.error("%s", exc)
-                failed[m] = str(exc)
-                continue
-            timings[f"train/{m}"] = round(time.perf_counter() - t0, 1)
-        runs.append(run_dir)
+    train_times, failed = train_methods(methods, cfg, out)
+    timings = {f"train/{m}": t for m, t in train_times.items()}
+    runs = [out / "runs" / m for m in methods if m not in failed]
     if not runs:
         raise UserError("no method trained successfully: " + "; ".join(failed.values()))
     folders = [out / "base"] + runs + [out / "reference"]
