@@ -43,6 +43,14 @@ def train_overrides(cfg: DictConfig, method: str) -> list[str]:
     return _overrides(cfg.train_overrides) + _overrides((cfg.get("method_overrides") or {}).get(method))
 
 
+def _configured_iterations(method: str) -> int:
+    path = ROOT / "conf" / "method" / f"{method}.yaml"
+    try:
+        return int(OmegaConf.load(path).get("iterations") or 0)
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def train_command(method: str, cfg: DictConfig, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "erasure.train", f"method={method}", f"model={cfg.model}", f"concept={cfg.concept}",
             f"hydra.run.dir={run_dir}", *train_overrides(cfg, method)]
@@ -61,6 +69,8 @@ def train_methods(methods: list[str], cfg: DictConfig, out: Path) -> tuple[dict,
         else:
             todo.append(m)
     jobs = max(1, int(cfg.get("jobs") or 1))
+    if jobs > 1:  # longest first (by the method's configured iterations), so parallel jobs end close together
+        todo.sort(key=lambda m: -_configured_iterations(m))
     running: dict[str, tuple] = {}
     timings, failed = {}, {}
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
