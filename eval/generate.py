@@ -108,6 +108,7 @@ def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler
     if todo:
         pipe = models.pipeline(scheduler=sampler.scheduler)
         pipe.set_progress_bar_config(disable=True)
+        uncond = models.encode_text([""])
         by_guidance: dict[float, list] = {}
         for r, p in todo:
             by_guidance.setdefault(r.guidance if r.guidance is not None else sampler.guidance, []).append((r, p))
@@ -117,8 +118,11 @@ def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler
                 for i in range(0, len(items), sampler.batch_size):
                     chunk = items[i:i + sampler.batch_size]
                     gens = [torch.Generator("cpu").manual_seed(int(r.seed)) for r, _ in chunk]
-                    out = pipe([r.prompt for r, _ in chunk], num_inference_steps=sampler.steps, guidance_scale=guidance,
-                               generator=gens, height=sampler.resolution, width=sampler.resolution)
+                    # float32 embeddings from Models.encode_text, as erasure.generate and the trainer's previews do
+                    emb = models.encode_text([r.prompt for r, _ in chunk])
+                    out = pipe(prompt_embeds=emb, negative_prompt_embeds=uncond.expand(len(chunk), -1, -1),
+                               num_inference_steps=sampler.steps, guidance_scale=guidance, generator=gens,
+                               height=sampler.resolution, width=sampler.resolution)
                     for image, (_, p) in zip(out.images, chunk):
                         save_png(image, p)
                     bar.update(len(chunk))
