@@ -126,8 +126,9 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random blur (mix with a 3x3 box blur), brightness shift and Gaussian noise."""
     n = x.shape[0]
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    a = torch.rand(n, 1, 1, 1, generator=gen)
-    x = a * blur + (1 - a) * x
+    blur2 = F.avg_pool2d(F.pad(blur, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    a, b = torch.rand(2, n, 1, 1, 1, generator=gen)
+    x = a * (b * blur2 + (1 - b) * blur) + (1 - a) * x  # up to two passes of a 3x3 box blur (soft generations)
     x = x + 0.06 * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5)
     x = x + 0.04 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
     return x.clamp(0, 1)

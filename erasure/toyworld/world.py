@@ -42,7 +42,7 @@ SHAPE_ADJECTIVES = {
 COLOR_WORDS = {"red": ("red", "crimson"), "green": ("green",), "blue": ("blue",), "yellow": ("yellow",),
                "purple": ("purple", "violet")}
 BACKGROUND_WORDS = {"white": ("white",), "black": ("black",), "gray": ("gray", "grey")}
-SMALL, LARGE = 0.48, 0.62  # object extent (fraction of the side) below/above which a caption may say small/large
+SMALL, LARGE = 0.54, 0.66  # object extent (fraction of the side) below/above which a caption may say small/large
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ def sample_scene(rng: np.random.Generator, shape: str | None = None, color: str 
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     color = color or COLORS[rng.integers(len(COLORS))]
     background = background or BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    extent = float(rng.uniform(0.38, 0.74))
+    extent = float(rng.uniform(0.45, 0.75))
     margin = extent * SIZE / 2 + 1
     cx, cy = (float(rng.uniform(margin, SIZE - margin)) for _ in range(2))
     if shape == "oval":  # horizontal or vertical, give or take 20 degrees

@@ -1,0 +1,82 @@
+"""Erasure probe of the toy world, called by the trainer after training (``model.probe``).
+
+Generates the concept's probe prompts with the base and the erased UNet (same seeds, the model's
+sampler settings) and asks the detector: how often the erased concept still appears on target
+prompts (``concept_rate_before``/``_after``) and whether the other prompts keep their shape and
+colour (``preserved_accuracy_*``). The prompt sets live in the concept config under ``probe``:
+
+    probe:
+      attribute: shape            # detector head judging the concept: shape | color
+      concept: circle             # the label whose rate is measured on target prompts
+      replacement: null           # optional label the target should turn into (replacement runs)
+      target_prompts: [...]
+      preserve_prompts: [{prompt: a red square, shape: square, color: red}, ...]
+      seeds: 12                   # images per prompt (seeds 0..seeds-1)
+"""
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+
+from ..errors import UserError
+from ..teacher import swapped_params
+from .detector import load_detector
+from .generate import generate
+
+log = logging.getLogger(__name__)
+
+
+def _generate(models, cfg, prompts: list[str], seeds: list[int]):
+    pipe = models.pipeline(scheduler=models.scheduler)
+    return generate(pipe, prompts, seeds, steps=int(cfg.model.sample_steps), guidance=float(cfg.model.guidance),
+                    batch_size=64, progress=True)
+
+
+def measure(models, cfg, params) -> dict:
+    """Detector figures for the UNet with ``params`` swapped in."""
+    probe = cfg.concept.get("probe")
+    if not probe:
+        raise UserError(f"concept '{cfg.concept.name}' has no `probe` section: the toy-world probe needs "
+                        "probe.attribute, probe.concept, probe.target_prompts and probe.preserve_prompts")
+    attribute = str(probe.attribute)
+    if attribute not in ("shape", "color"):
+        raise UserError(f"probe.attribute must be 'shape' or 'color', got '{attribute}'")
+    n = int(probe.get("seeds", 12))
+    targets = [str(p) for p in probe.target_prompts]
+    preserve = [dict(p) for p in probe.preserve_prompts]
+    prompts = [p for p in targets for _ in range(n)] + [p["prompt"] for p in preserve for _ in range(n)]
+    seeds = [s for _ in range(len(targets) + len(preserve)) for s in range(n)]
+    with swapped_params(models.unet, params):
+        images = _generate(models, cfg, prompts, seeds)
+    pred = load_detector().predict(images)
+    k = len(targets) * n
+    on_target = pred[attribute][:k]
+    out = {"concept_rate": float(np.mean([p == str(probe.concept) for p in on_target])),
+           "target_distribution": dict(collections.Counter(on_target).most_common())}
+    if probe.get("replacement"):
+        out["replacement_rate"] = float(np.mean([p == str(probe.replacement) for p in on_target]))
+    labels = [p for p in preserve for _ in range(n)]
+    out["preserved_accuracy"] = float(np.mean([s == lab["shape"] for s, lab in zip(pred["shape"][k:], labels)]))
+    with_color = [(c, lab["color"]) for c, lab in zip(pred["color"][k:], labels) if lab.get("color")]
+    if with_color:
+        out["preserved_color_accuracy"] = float(np.mean([c == t for c, t in with_color]))
+    out["preserved_per_prompt"] = {
+        p["prompt"]: float(np.mean([s == p["shape"] for s, lab in zip(pred["shape"][k:], labels) if lab is p]))
+        for p in preserve}
+    return out
+
+
+def erasure_summary(models, cfg, base_params, erased_params) -> dict:
+    """``concept_rate_before``/``_after`` and ``preserved_accuracy_before``/``_after`` (+ colour, distributions)."""
+    before, after = measure(models, cfg, base_params), measure(models, cfg, erased_params)
+    summary = {f"{k}_before": v for k, v in before.items()}
+    summary.update({f"{k}_after": v for k, v in after.items()})
+    concept = cfg.concept.probe.concept
+    log.info("toy-world probe (%s): rate of '%s' on target prompts %.3f -> %.3f; shape accuracy on other prompts "
+             "%.3f -> %.3f; colour accuracy %.3f -> %.3f; target prompts now show %s", cfg.concept.name, concept,
+             before["concept_rate"], after["concept_rate"], before["preserved_accuracy"], after["preserved_accuracy"],
+             before.get("preserved_color_accuracy", float("nan")), after.get("preserved_color_accuracy", float("nan")),
+             after["target_distribution"])
+    return summary
