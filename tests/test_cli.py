@@ -12,7 +12,7 @@ FAST = ["model=tiny", "concept=nudity", "trainer.preview_every=0", "method.T=6"]
 def test_train_end_to_end_on_tiny(tmp_path):
     run = tmp_path / "run"
     r = run_cli(["-m", "erasure.train", "model=tiny", "method=ours", "concept=nudity", "trainer.iterations=2",
-                 f"hydra.run.dir={run}"])
+                 "trainer.preview_every=1", "model.sample_steps=4", f"hydra.run.dir={run}"])
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("config.yaml", "delta.safetensors", "metrics.jsonl", "summary.json", "timeline.png"):
         assert (run / name).is_file(), name

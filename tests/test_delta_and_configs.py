@@ -15,7 +15,8 @@ from tests.conftest import CONF, compose_cfg
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     cfg = compose_cfg(["model=tiny", "concept=nudity", "trainer.iterations=2", "trainer.preview_every=1",
-                       "method.T=6", "method.lr=1e-3", "trainer.preview_seeds=[0]"])
+                       "method.T=6", "method.lr=1e-3", "trainer.preview_seeds=[0]", "concept.preview_prompts=[nudity]",
+                       "model.sample_steps=4"])
     train(cfg, run)
     return run
 
