@@ -214,6 +214,21 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer) -> None:
                                    scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    slim_tokenizer_files(out / "tokenizer")
+
+
+def slim_tokenizer_files(folder: Path) -> None:
+    """Replace transformers' ``tokenizer.json`` (3.6 MB) by CLIP's ``vocab.json`` + ``merges.txt`` (1.4 MB).
+
+    ``CLIPTokenizer.from_pretrained`` builds the same tokenizer from them (same ids; tested), which keeps the two
+    copies (pipeline ``tokenizer/`` and the CLIP-score model's processor) inside the 40 MB budget.
+    """
+    from ..tokenizer import clip_vocab_and_merges
+
+    vocab, merges = clip_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer.json").unlink(missing_ok=True)
 
 
 def scaled(recipe: dict, scale: float) -> dict:

@@ -81,6 +81,9 @@ def train_clip(out_dir: str | Path, steps: int = 1500, batch: int = 128, seed: i
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     build_processor().save_pretrained(out_dir)
+    from .build import slim_tokenizer_files
+
+    slim_tokenizer_files(out_dir)
     acc = retrieval_accuracy(model, tok, seed=20_000 + seed)
     log.info("tiny CLIP held-out zero-shot accuracy: shape %.4f, colour %.4f", acc["shape"], acc["color"])
     return acc
