@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
@@ -111,8 +112,14 @@ def test_resume_after_kill(runs, tmp_path):
     assert sorted(p.name for p in files) == sorted(image_name(r, 7.5) for r in rows)  # tiny model: guidance 7.5
 
     # the resumed set equals an uninterrupted generation, image by image
+    # (one torch thread, as the subprocess had: CPU reductions split over threads round differently)
     ev = evaluation(runs[0], tmp_path / "fresh", f"suite.prompt_sets.objects.n={n}", "suite.sampler.batch_size=1")
-    fresh, _ = ev.base_images("objects")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fresh, _ = ev.base_images("objects")
+    finally:
+        torch.set_num_threads(threads)
     resumed = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in
                         [files[0].parent / image_name(r, 7.5) for r in rows]])
     assert np.array_equal(fresh, resumed)
