@@ -221,6 +221,7 @@ class Evaluation:
             parts["summary"] = self.summary.get("train_time_s")
         if self.kind != "reference":
             parts["model"] = OmegaConf.to_container(self.run_cfg.model, resolve=True)
+            parts["fingerprint"] = self.models.fingerprint  # the weights, not just the config, name the model
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def evaluate(self) -> dict:

@@ -43,6 +43,19 @@ def train_overrides(cfg: DictConfig, method: str) -> list[str]:
     return _overrides(cfg.train_overrides) + _overrides((cfg.get("method_overrides") or {}).get(method))
 
 
+def base_fingerprint(cfg: DictConfig) -> str:
+    """Fingerprint of the base model erasure.train would load with this table's model and overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from erasure.models import load_models
+
+    overrides = [f"model={cfg.model}", f"concept={cfg.concept}"] + [o for o in _overrides(cfg.train_overrides)
+                                                                  if o.startswith("model.")]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train_cfg = compose(config_name="train", overrides=overrides)
+    return load_models(train_cfg.model, "cpu").fingerprint
+
+
 def _configured_iterations(method: str) -> int:
     path = ROOT / "conf" / "method" / f"{method}.yaml"
     try:
@@ -62,12 +75,18 @@ def train_methods(methods: list[str], cfg: DictConfig, out: Path) -> tuple[dict,
     Returns ({method: seconds}, {method: error}). Each job's output goes to <run>/train_stdout.log.
     """
     todo = []
+    base = None
     for m in methods:
         run_dir = out / "runs" / m
         if cfg.reuse and finished(run_dir):
-            log.info("reusing the finished run %s", run_dir)
-        else:
-            todo.append(m)
+            base = base or base_fingerprint(cfg)
+            trained_on = json.loads((run_dir / "summary.json").read_text()).get("base_fingerprint")
+            if trained_on == base:
+                log.info("reusing the finished run %s", run_dir)
+                continue
+            log.warning("run %s was trained on base %s, the current base is %s: training it again", run_dir,
+                        trained_on, base)
+        todo.append(m)
     jobs = max(1, int(cfg.get("jobs") or 1))
     if jobs > 1:  # longest first (by the method's configured iterations), so parallel jobs end close together
         todo.sort(key=lambda m: -_configured_iterations(m))
