@@ -209,6 +209,9 @@ def load_pretrained(cfg) -> dict[str, Any]:
     if cfg.get("revision"):
         kw["revision"] = cfg.revision
     is_dir = Path(location).is_dir()
+    if not is_dir and str(cfg.path).startswith("pkg://"):
+        raise UserError(f"the model '{cfg.name}' shipped with this package is not built at '{location}': "
+                        f"run `make {cfg.name}` to build it, or choose another model (model=tiny)")
     if not is_dir and (location.startswith((".", "/")) or Path(location).suffix):
         raise UserError(f"model folder '{location}' does not exist: pass model.path=<a diffusers Stable Diffusion folder>")
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from omegaconf import DictConfig, OmegaConf
 
 from erasure.errors import UserError, exit_on_user_error
@@ -164,9 +165,9 @@ class Evaluation:
         for p in paths:
             st = p.stat()
             h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        cache = self.cache_dir / "features" / f"{h.hexdigest()[:20]}.pt"
+        cache = self.cache_dir / "features" / f"{h.hexdigest()[:20]}.safetensors"
         if cache.is_file():
-            return torch.load(cache)
+            return load_file(str(cache))["features"]  # safetensors: loading never executes code
         feats = []
         for size, idx in _group_by_size(paths).items():
             stack = torch.from_numpy(np.stack([np.asarray(_open_rgb(paths[i])) for i in idx])).permute(0, 3, 1, 2)
@@ -178,7 +179,7 @@ class Evaluation:
         import os
 
         tmp = atomic_path(cache)
-        torch.save(out, tmp)
+        save_file({"features": out.contiguous()}, str(tmp))
         os.replace(tmp, cache)
         return out
 
