@@ -28,18 +28,30 @@ def atomic_path(path: Path):
     return Path(tmp)
 
 
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place: a kill
+    never leaves a truncated file under the final name."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def save_delta(path: str | Path, params: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     path = Path(path)
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in params.items()}
     meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
-    tmp = atomic_path(path)
-    try:
-        # one metadata key holding sorted JSON: safetensors writes several keys in hash order, which would make
-        # the bytes of two identical deltas differ (and so their sha256, the evaluation cache's key)
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # one metadata key holding sorted JSON: safetensors writes several keys in hash order, which would make
+    # the bytes of two identical deltas differ (and so their sha256, the evaluation cache's key)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
     return path
 
 

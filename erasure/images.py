@@ -1,24 +1,16 @@
 """Image helpers: atomic PNG writes and labelled grids."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .delta import atomic_path
+from .delta import atomic_write
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write a PNG atomically (temporary name, then rename): a kill never leaves a truncated file."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, col_labels: list[str] | None = None,

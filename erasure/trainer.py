@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import registry
-from .delta import atomic_path, save_delta
+from .delta import save_delta, write_text_atomic
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
 from .images import grid, save_png
@@ -70,15 +70,6 @@ def validate(cfg: DictConfig):
         if not 0 <= lo <= hi <= 1:
             raise UserError(f"instruction concept '{inst.text}' has window {list(inst.window)}: use fractions of T with 0 <= low <= high <= 1")
     return method_cls, method_cfg
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class Previews:

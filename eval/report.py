@@ -153,14 +153,9 @@ def nudenet_class_table(records: list[dict]) -> tuple[str, str] | None:
 
 
 def _write(path: Path, text: str) -> None:
-    from erasure.delta import atomic_path
+    from erasure.delta import write_text_atomic
 
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, text)
 
 
 def write_report(records: list[dict], out: str | Path, title: str | None = None, rank_oracles: bool = False) -> dict:

@@ -175,12 +175,9 @@ class Evaluation:
         out = torch.zeros(len(paths), feats[0][1].shape[1])
         for idx, f in feats:
             out[idx] = f
-        from erasure.delta import atomic_path
-        import os
+        from erasure.delta import atomic_write
 
-        tmp = atomic_path(cache)
-        save_file({"features": out.contiguous()}, str(tmp))
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda tmp: save_file({"features": out.contiguous()}, str(tmp)))
         return out
 
     def features(self, name: str) -> torch.Tensor:
