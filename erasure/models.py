@@ -107,12 +107,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, key: str = "model.dtype") -> torch.dtype:
+    """The torch dtype named by config ``key``; low precision falls back to float32 on the CPU."""
     if name not in DTYPES:
-        raise UserError(f"unknown model.dtype '{name}': choose one of float32, bfloat16, float16")
+        raise UserError(f"unknown {key} '{name}': choose one of float32, bfloat16, float16")
     dtype = DTYPES[name]
     if device.type == "cpu" and dtype != torch.float32:
-        log.info("model.dtype=%s is for GPUs; using float32 on the CPU", name)
+        log.info("%s=%s is for GPUs; using float32 on the CPU", key, name)
         dtype = torch.float32
     return dtype
 

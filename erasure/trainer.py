@@ -28,7 +28,7 @@ from .errors import UserError
 from .images import grid, save_png
 from .loggers import make_logger
 from .method import TrainContext
-from .models import Models, load_models
+from .models import DTYPES, Models, load_models, resolve_dtype
 from .params import count, select_params
 from .teacher import Teacher, swapped_params
 
@@ -58,7 +58,7 @@ def validate(cfg: DictConfig):
     for key, low in (("teacher_batch", 1), ("keep_checkpoints", 1), ("preview_every", 0), ("checkpoint_every", 0)):
         if int(tr.get(key, low)) < low:
             raise UserError(f"trainer.{key} must be at least {low}, got {tr.get(key)}")
-    if str(tr.get("precision", "auto")) not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+    if str(tr.get("precision", "auto")) not in ("auto", *DTYPES):
         raise UserError(f"unknown trainer.precision '{tr.precision}': choose auto, float32 or bfloat16")
     targets = list(cfg.concept.get("targets") or [])
     if not targets or any(not str(t).strip() for t in targets):
@@ -236,18 +236,12 @@ class Session:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``trainer.precision``: auto = bf16 autocast on CUDA where supported, float32 elsewhere."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.float32
-    from .models import DTYPES
-
-    if name not in DTYPES:
-        raise UserError(f"unknown trainer.precision '{name}': choose auto, float32 or bfloat16")
-    if device.type == "cpu" and DTYPES[name] != torch.float32:
-        log.info("trainer.precision=%s is for GPUs; using float32 on the CPU", name)
-        return torch.float32
-    return DTYPES[name]
+    return resolve_dtype(name, device, key="trainer.precision")
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> Path:
