@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,9 @@ def unet_fingerprint(unet: torch.nn.Module) -> str:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():  # one GPU per process under `accelerate launch` / torchrun
+            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' was requested but no CUDA GPU is visible: use trainer.device=cpu or auto")
     return torch.device(name)

@@ -12,6 +12,10 @@ rows are batched, and each PNG is written atomically (:func:`erasure.images.save
 leaves complete files only and the next run generates just the missing ones.
 
 CLI (resume/debug): ``python -m eval.generate run=<run folder> set=<prompt set> [base=true] [suite=...]``.
+
+Sharded: ``accelerate launch --multi_gpu --num_processes N -m eval.generate ...`` (or ``torchrun --nproc_per_node N``) splits the work by whole batches
+(batch k goes to process k mod N, each batch formed exactly as one process forms it), so N processes write the
+same files, byte for byte, as one process; every process waits for the others before returning.
 """
 from __future__ import annotations
 
@@ -98,6 +102,33 @@ def cache_folder(cache_dir: str | Path, key: str, sampler: Sampler) -> Path:
     return folder
 
 
+def shard() -> tuple[int, int]:
+    """(rank, world size) under ``accelerate launch`` / torchrun (their RANK and WORLD_SIZE variables), else (0, 1)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the launched processes (no-op for one process)."""
+    if shard()[1] > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # the launcher's env:// rendezvous; gloo carries a barrier on CPU and GPU alike
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+
+
+def batches(todo: list, sampler: "Sampler") -> list[tuple[float, list]]:
+    """The batches one process would run, in order: rows grouped by guidance, then cut to the batch size."""
+    by_guidance: dict[float, list] = {}
+    for r, p in todo:
+        by_guidance.setdefault(r.guidance if r.guidance is not None else sampler.guidance, []).append((r, p))
+    return [(g, items[i:i + sampler.batch_size]) for g, items in by_guidance.items()
+            for i in range(0, len(items), sampler.batch_size)]
+
+
 @torch.no_grad()
 def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler, desc: str = "generating") -> dict:
     """Make the images of ``rows`` that ``folder`` lacks; returns {"generated": k, "cached": m, "paths": [...]}."""
@@ -109,25 +140,30 @@ def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler
         pipe = models.pipeline(scheduler=sampler.scheduler)
         pipe.set_progress_bar_config(disable=True)
         uncond = models.encode_text([""])
-        by_guidance: dict[float, list] = {}
-        for r, p in todo:
-            by_guidance.setdefault(r.guidance if r.guidance is not None else sampler.guidance, []).append((r, p))
+        rank, world = shard()
+        wait_for_everyone()  # every process has listed the missing files before any is written
+        mine = batches(todo, sampler)[rank::world]  # whole batches, so each image sees the batch it would alone
         start = time.perf_counter()
-        with tqdm(total=len(todo), desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
-            for guidance, items in by_guidance.items():
-                for i in range(0, len(items), sampler.batch_size):
-                    chunk = items[i:i + sampler.batch_size]
-                    gens = [torch.Generator("cpu").manual_seed(int(r.seed)) for r, _ in chunk]
-                    # float32 embeddings from Models.encode_text, as erasure.generate and the trainer's previews do
-                    emb = models.encode_text([r.prompt for r, _ in chunk])
-                    out = pipe(prompt_embeds=emb, negative_prompt_embeds=uncond.expand(len(chunk), -1, -1),
-                               num_inference_steps=sampler.steps, guidance_scale=guidance, generator=gens,
-                               height=sampler.resolution, width=sampler.resolution)
-                    for image, (_, p) in zip(out.images, chunk):
-                        save_png(image, p)
-                    bar.update(len(chunk))
-        log.info("%s: %d images in %.1f s (%d were cached) -> %s", desc, len(todo), time.perf_counter() - start,
-                 len(rows) - len(todo), folder)
+        with tqdm(total=sum(len(c) for _, c in mine), desc=desc if world == 1 else f"{desc} [{rank + 1}/{world}]",
+                  unit="img", dynamic_ncols=True, disable=None) as bar:
+            for guidance, chunk in mine:
+                gens = [torch.Generator("cpu").manual_seed(int(r.seed)) for r, _ in chunk]
+                # float32 embeddings from Models.encode_text, as erasure.generate and the trainer's previews do
+                emb = models.encode_text([r.prompt for r, _ in chunk])
+                out = pipe(prompt_embeds=emb, negative_prompt_embeds=uncond.expand(len(chunk), -1, -1),
+                           num_inference_steps=sampler.steps, guidance_scale=guidance, generator=gens,
+                           height=sampler.resolution, width=sampler.resolution)
+                for image, (_, p) in zip(out.images, chunk):
+                    save_png(image, p)
+                bar.update(len(chunk))
+        wait_for_everyone()
+        missing = [p for _, p in todo if not p.is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} images are missing after generation (e.g. {missing[0]}): a process "
+                            "of the launch failed; rerun the same command to make only the missing ones")
+        share = "" if world == 1 else f" (process {rank + 1}/{world} made {sum(len(c) for _, c in mine)})"
+        log.info("%s: %d images in %.1f s (%d were cached)%s -> %s", desc, len(todo), time.perf_counter() - start,
+                 len(rows) - len(todo), share, folder)
     return dict(generated=len(todo), cached=len(rows) - len(todo), paths=paths)
 
 

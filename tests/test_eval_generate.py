@@ -123,3 +123,27 @@ def test_resume_after_kill(runs, tmp_path):
     resumed = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in
                         [files[0].parent / image_name(r, 7.5) for r in rows]])
     assert np.array_equal(fresh, resumed)
+
+
+def test_sharded_generation_matches_one_process(runs, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m eval.generate` on CPU writes the same files, byte for byte.
+
+    (accelerate's `--cpu` flag runs a single process; `--multi_gpu` goes through torch.distributed.run, which works
+    without GPUs: each process then generates on the CPU.)"""
+    n = 5  # odd, with batch 2: three batches, split 2 + 1 between the processes
+    common = [f"run={runs[0]}", "set=objects", "base=true", "device=cpu", f"suite.prompt_sets.objects.n={n}",
+              "suite.sampler.batch_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "eval.generate", *common, f"cache_dir={tmp_path / 'one'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "eval.generate", *common, f"cache_dir={tmp_path / 'two'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "process 1/2 made 3" in two.stderr and "process 2/2 made 2" in two.stderr  # batches 0, 2 | 1
+    a, b = generated(tmp_path / "one"), generated(tmp_path / "two")
+    assert len(a) == n and [p.name for p in a] == [p.name for p in b]
+    for p, q in zip(a, b):
+        assert p.read_bytes() == q.read_bytes(), p.name

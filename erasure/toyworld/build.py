@@ -276,6 +276,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest on a shared 2-core machine: oversubscribed threads stall)")
     ap.add_argument("--skip-check", action="store_true", help="do not run the quality check at the end")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep an existing detector.safetensors / clip/ in --out (each stage has its own seed, so the "
+                         "result equals a full rebuild) and only re-measure their accuracy")
     ap.add_argument("--check-per-combo", type=int, default=None, help="images per shape x colour in the final check")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -291,13 +294,30 @@ def main(argv=None) -> None:
     from .clip import train_clip
     from .detector import train_detector
 
+    from .detector import accuracy_on_renders, load_detector
+
     t = time.perf_counter()
-    det_acc = train_detector(out / "detector.safetensors", seed=seed, **recipe["detector"])
-    timings["detector_s"] = time.perf_counter() - t
+    if args.reuse and (out / "detector.safetensors").is_file():
+        log.info("reusing %s", out / "detector.safetensors")
+        det_acc = accuracy_on_renders(load_detector(out / "detector.safetensors"), 2000, seed=10_000 + seed)
+        timings["detector_reused"] = 1
+    else:
+        det_acc = train_detector(out / "detector.safetensors", seed=seed, **recipe["detector"])
+        timings["detector_s"] = time.perf_counter() - t
     t = time.perf_counter()
     c = recipe["clip"]
-    clip_acc = train_clip(clip_dir, steps=c["steps"], batch=c["batch"], seed=seed + 1, lr=c["lr"])
-    timings["clip_s"] = time.perf_counter() - t
+    if args.reuse and (clip_dir / "model.safetensors").is_file():
+        from transformers import CLIPModel
+
+        from .clip import retrieval_accuracy
+
+        log.info("reusing %s", clip_dir)
+        clip_acc = retrieval_accuracy(CLIPModel.from_pretrained(str(clip_dir)).eval(), build_clip_tokenizer(),
+                                      seed=20_000 + seed + 1)
+        timings["clip_reused"] = 1
+    else:
+        clip_acc = train_clip(clip_dir, steps=c["steps"], batch=c["batch"], seed=seed + 1, lr=c["lr"])
+        timings["clip_s"] = time.perf_counter() - t
     t = time.perf_counter()
     vae, vae_info = train_vae(recipe["vae"], seed + 2)
     timings["vae_s"] = time.perf_counter() - t
