@@ -132,6 +132,13 @@ class AllButOne(ErasureMethod):
     def delta(self, steps_taken: int, eps: list[torch.Tensor]) -> torch.Tensor | None:
         return instruction_delta(steps_taken, eps[0], eps[2:], self.instructions, self.cfg.warmup)
 
+    def active(self, steps_taken: int) -> list[int]:
+        """Condition indices (2 + instruction index) whose epsilon delta reads at ``steps_taken``: only these are
+        evaluated (an instruction concept outside its window, or any before the warm-up, adds nothing)."""
+        if steps_taken < self.cfg.warmup:
+            return []
+        return [2 + k for k, inst in enumerate(self.instructions) if inst["lo"] <= steps_taken <= inst["hi"]]
+
     def draw(self, step: int) -> dict:
         """Algorithm 1, line 3: t ~ U{1..T}, c_s ~ C_s, x_T ~ N(0, I) (in this order, from the run's generator)."""
         ctx = self.ctx
@@ -151,13 +158,21 @@ class AllButOne(ErasureMethod):
         if self.emb_instr is not None:
             conds += list(self.emb_instr.split(1))
         z_t, timesteps = sample_to_step(ctx.teacher, ctx.models.scheduler, x_T, conds, steps, cfg.T, cfg.gamma1,
-                                        extra=self.delta)
-        eps = eps_all(ctx.teacher, z_t, timesteps, conds)
+                                        extra=self.delta, needed=self.active)
+        eps = eps_all(ctx.teacher, z_t, timesteps, conds[:2])
         guidance_target = cfg.gamma1 * (eps[1] - eps[0])
+        # eps*(z_t, c'') only for the (sample, instruction) pairs whose window holds the sample's step: one call
+        pairs = [(i, k) for i in range(len(draws)) for k in self.active(steps[i])]
+        instr_eps: dict[tuple[int, int], torch.Tensor] = {}
+        if pairs:
+            rows = torch.tensor([i for i, _ in pairs], device=z_t.device)
+            out = ctx.teacher(z_t[rows], timesteps.to(z_t.device)[rows], torch.cat([conds[k] for _, k in pairs]))
+            instr_eps = {pair: out[j: j + 1] for j, pair in enumerate(pairs)}
         work = []
         for i, d in enumerate(draws):
             target = guidance_target[i: i + 1]
-            delta = self.delta(steps[i], [e[i: i + 1] for e in eps])  # the window depends on each sample's step
+            row = [eps[0][i: i + 1], eps[1][i: i + 1]] + [instr_eps.get((i, k)) for k in range(2, len(conds))]
+            delta = self.delta(steps[i], row)  # the window depends on each sample's step
             if delta is not None:
                 target = target + delta
             work.append(dict(z_t=z_t[i: i + 1], timestep=timesteps[i], target_index=d["target_index"],

@@ -19,8 +19,11 @@ from typing import Callable, Sequence
 import torch
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# extra(steps_taken, eps_per_condition) -> an additional epsilon term (or None), e.g. All-but-One's delta
-ExtraFn = Callable[[int, Sequence[torch.Tensor]], "torch.Tensor | None"]
+# extra(steps_taken, eps_per_condition) -> an additional epsilon term (or None), e.g. All-but-One's delta;
+# conditions that ``needed`` left out of a step arrive as None
+ExtraFn = Callable[[int, Sequence["torch.Tensor | None"]], "torch.Tensor | None"]
+# needed(steps_taken) -> indices of the extra conditions (2, 3, ...) that ``extra`` reads at that step
+NeededFn = Callable[[int], Sequence[int]]
 
 
 def ddim_timesteps(scheduler, num_steps: int) -> torch.Tensor:
@@ -49,11 +52,13 @@ def _take(cond: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample_to_step(eps_fn: EpsFn, scheduler, x_T: torch.Tensor, conds: Sequence[torch.Tensor],
                    steps_taken: int | Sequence[int], num_steps: int, guidance: float,
-                   extra: ExtraFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   extra: ExtraFn | None = None, needed: NeededFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run DDIM steps of a ``num_steps``-step schedule from ``x_T`` until each sample has taken its ``steps_taken``.
 
     ``conds[0]`` is the unconditional embedding and ``conds[1]`` the prompt; further conditions are passed to
-    ``extra``. Each step uses eps = eps(∅) + guidance * (eps(c) - eps(∅)) [+ extra]. ``steps_taken`` is an int
+    ``extra``; ``needed(i)``, if given, names the extra conditions ``extra`` reads at step i, and only those go
+    through the UNet (the others would be computed and thrown away: e.g. an instruction concept outside its
+    window). Each step uses eps = eps(∅) + guidance * (eps(c) - eps(∅)) [+ extra]. ``steps_taken`` is an int
     (all samples) or one int per sample, each in 0..num_steps-1.
     Returns (z, the timestep at which z lives: a scalar tensor for an int ``steps_taken``, else one per sample).
     """
@@ -70,7 +75,11 @@ def sample_to_step(eps_fn: EpsFn, scheduler, x_T: torch.Tensor, conds: Sequence[
         t = timesteps[i]
         xa = x if rows.numel() == x.shape[0] else x[rows]
         ca = conds if rows.numel() == x.shape[0] else [_take(c, rows) for c in conds]
-        eps = eps_all(eps_fn, scheduler.scale_model_input(xa, t), t, ca)
+        use = [0, 1, *(needed(i) if needed is not None else range(2, len(ca)))]
+        got = eps_all(eps_fn, scheduler.scale_model_input(xa, t), t, [ca[k] for k in use])
+        eps: list = [None] * len(ca)
+        for k, e in zip(use, got):
+            eps[k] = e
         guided = eps[0] + guidance * (eps[1] - eps[0])
         if extra is not None:
             add = extra(i, eps)

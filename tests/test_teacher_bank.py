@@ -43,3 +43,41 @@ def test_same_trained_delta_in_both_modes(tmp_path):
     named = dict(m.unet.named_parameters())
     moved = max((deltas[1][n] - named[n].detach()).abs().max().item() for n in deltas[1])
     assert moved > 1e-3  # 100x the tolerance
+
+
+def test_skipping_inactive_instruction_conditions_changes_nothing():
+    """Only the instruction concepts inside their window (and after the warm-up) go through the UNet; the result
+    equals the plain route that evaluates every condition at every step and lets delta ignore the idle ones."""
+    from erasure.sampling import eps_all, sample_to_step
+
+    m, *_ = _method(OVR)
+    draws = [m.draw(s) for s in range(1, 9)]
+    work = m.teacher_work(draws)
+    ctx, cfg = m.ctx, m.cfg
+    assert any(not m.active(cfg.T - d["t"]) for d in draws) and any(m.active(cfg.T - d["t"]) for d in draws)
+    calls = {"rows": 0}
+    real = ctx.teacher
+
+    def counting(x, t, e):
+        calls["rows"] += x.shape[0]
+        return real(x, t, e)
+
+    for d, w in zip(draws, work):  # the plain route, one draw at a time, every condition everywhere
+        conds = [m.emb_uncond, m.emb_targets[d["target_index"]: d["target_index"] + 1], *m.emb_instr.split(1)]
+        steps = cfg.T - d["t"]
+        z, ts = sample_to_step(counting, ctx.models.scheduler, d["x_T"], conds, [steps], cfg.T, cfg.gamma1,
+                               extra=m.delta)
+        eps = eps_all(counting, z, ts, conds)
+        target = cfg.gamma1 * (eps[1] - eps[0])
+        delta = m.delta(steps, eps)
+        target = target if delta is None else target + delta
+        torch.testing.assert_close(w["z_t"], z, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(w["guidance_target"], target, rtol=1e-4, atol=1e-4)
+    plain = calls["rows"]
+    calls["rows"] = 0
+    m.ctx.teacher = counting
+    try:
+        m.teacher_work(draws)
+    finally:
+        m.ctx.teacher = real
+    assert calls["rows"] < plain  # and it really evaluated fewer UNet rows
