@@ -314,6 +314,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
                 concept=str(cfg.concept.name))
     save_delta(run_dir / "delta.safetensors", method.export_params(), meta)
     timeline = previews.timeline(run_dir / "timeline.png")
+    if timeline:
+        logger.log_image("timeline", timeline, iterations, caption="rows: preview prompts; columns: iterations")
     summary = {**meta, "train_time_s": round(train_time, 3), "s_per_it": round(train_time / iterations, 5),
                "setup_time_s": round(session.setup_time, 3),
                "trainable_parameters": count(trainable), "final": {k: v for k, v in record.items() if k != "step"}}
@@ -324,7 +326,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
         with session.autocast():
             summary.update(probe(models=models, cfg=cfg, base_params=teacher.params, erased_params=method.export_params()))
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    logger.summary({"train_time_s": summary["train_time_s"], **{f"final/{k}": v for k, v in summary["final"].items()}})
+    logger.summary({**{k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                    **{f"final/{k}": v for k, v in summary["final"].items()}})
     logger.finish()
     log.info("done in %.1f s (%.3f s/it); run folder: %s%s", train_time, train_time / iterations, run_dir,
              f"; timeline: {timeline}" if timeline else "")

@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import logging
-import os
 from pathlib import Path
 
 from erasure.errors import UserError, exit_on_user_error
@@ -179,9 +178,9 @@ def log_wandb(records: list[dict], table: dict, out: Path, project: str, title: 
     """The table as a W&B Table and each system's metrics as run summaries (offline without an API key)."""
     import wandb
 
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
-    mode = "online" if has_key and os.environ.get("WANDB_MODE") != "offline" else "offline"
-    run = wandb.init(project=project, name=title or "table1", job_type="eval", dir=str(out), mode=mode,
+    from erasure.loggers import wandb_mode
+
+    run = wandb.init(project=project, name=title or "table1", job_type="eval", dir=str(out), mode=wandb_mode("auto", out),
                      reinit="finish_previous")
     columns = ["system", "kind", *table["columns"]]
     data = [[r["system"], r["kind"], *(r["values"][m] for m in table["columns"])] for r in table["rows"]]

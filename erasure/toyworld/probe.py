@@ -34,8 +34,8 @@ def _generate(models, cfg, prompts: list[str], seeds: list[int]):
                     batch_size=64, progress=True)
 
 
-def measure(models, cfg, params) -> dict:
-    """Detector figures for the UNet with ``params`` swapped in."""
+def measure(models, cfg, params, images_out: list | None = None) -> dict:
+    """Detector figures for the UNet with ``params`` swapped in (its images are appended to ``images_out``)."""
     probe = cfg.concept.get("probe")
     if not probe:
         raise UserError(f"concept '{cfg.concept.name}' has no `probe` section: the toy-world probe needs "
@@ -50,6 +50,8 @@ def measure(models, cfg, params) -> dict:
     seeds = [s for _ in range(len(targets) + len(preserve)) for s in range(n)]
     with swapped_params(models.unet, params):
         images = _generate(models, cfg, prompts, seeds)
+    if images_out is not None:
+        images_out.append(images)
     pred = load_detector().predict(images)
     k = len(targets) * n
     on_target = pred[attribute][:k]
@@ -70,13 +72,25 @@ def measure(models, cfg, params) -> dict:
 
 def erasure_summary(models, cfg, base_params, erased_params) -> dict:
     """``concept_rate_before``/``_after`` and ``preserved_accuracy_before``/``_after`` (+ colour, distributions)."""
-    before, after = measure(models, cfg, base_params), measure(models, cfg, erased_params)
+    from eval.metrics import ssim_pairs, ssim_window
+
+    images: list = []
+    before, after = measure(models, cfg, base_params, images), measure(models, cfg, erased_params, images)
     summary = {f"{k}_before": v for k, v in before.items()}
     summary.update({f"{k}_after": v for k, v in after.items()})
+    # SSIM of each erased image to the base model's image of the same prompt and seed (the paper's SSIM, with
+    # its 25/512 window fraction: 3x3 at 32x32), on the preserved prompts and on the target prompts
+    base_img, erased_img = (x.permute(0, 2, 3, 1).numpy() for x in images)  # N x H x W x 3 uint8
+    k = len(cfg.concept.probe.target_prompts) * int(cfg.concept.probe.get("seeds", 12))
+    values = ssim_pairs(erased_img, base_img, ssim_window(base_img.shape[1]))
+    summary["ssim_preserved"] = float(values[k:].mean())
+    summary["ssim_target"] = float(values[:k].mean())
     concept = cfg.concept.probe.concept
     log.info("toy-world probe (%s): rate of '%s' on target prompts %.3f -> %.3f; shape accuracy on other prompts "
              "%.3f -> %.3f; colour accuracy %.3f -> %.3f; target prompts now show %s", cfg.concept.name, concept,
              before["concept_rate"], after["concept_rate"], before["preserved_accuracy"], after["preserved_accuracy"],
              before.get("preserved_color_accuracy", float("nan")), after.get("preserved_color_accuracy", float("nan")),
              after["target_distribution"])
+    log.info("toy-world probe: SSIM to the base model's images %.3f on the other prompts, %.3f on target prompts",
+             summary["ssim_preserved"], summary["ssim_target"])
     return summary
