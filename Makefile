@@ -60,13 +60,29 @@ SMOKE_SIZES = suite.prompt_sets.target.n=8 suite.prompt_sets.captions.n=8 suite.
   suite.reference.n=8 suite.metrics.kid.subset_size=null
 .PHONY: table1 table1-smoke
 
+# Each run also records its erasure curve (5 probe points, the paper's Fig. 4) on models that have a probe.
+TABLE1_TRAIN ?= $(if $(filter toyworld,$(MODEL)),trainer.probe_points=5,)
 table1: install ## Table 1: every method trained/reused, evaluated -> outputs/table1/table1.{md,csv,tex} (MODEL=, CONCEPT=, SUITE=)
-	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.table1 model=$(MODEL) concept=$(CONCEPT) suite=$(SUITE) out=outputs/table1 $(TABLE1_ARGS)
+	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.table1 model=$(MODEL) concept=$(CONCEPT) suite=$(SUITE) out=outputs/table1 \
+	  $(if $(TABLE1_TRAIN),'train_overrides="$(TABLE1_TRAIN)"',) $(TABLE1_ARGS)
 
 table1-smoke: install ## the Table-1 pipeline at tiny sizes (2 iterations, 8 prompts) -> outputs/table1-smoke/ (< 5 min)
 	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.table1 model=$(SMOKE_MODEL) concept=$(SMOKE_CONCEPT) suite=$(SMOKE_MODEL) out=outputs/table1-smoke \
 	  'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) $(SMOKE_SIZES) $(TABLE1_ARGS)
 # ---- end of Table 1
+
+# ---- lambda sweep and figures (issue 8)
+LAMBDAS ?= 0,0.5,1,1.5,5
+SWEEP_DIR ?= outputs/sweeps/lambda-$(MODEL)-$(CONCEPT)
+SWEEP_JOBS ?= 2
+.PHONY: sweep figures
+sweep: install ## lambda sweep of ours (LAMBDAS=, SEEDS via SWEEP_ARGS="trainer.seed=0,1,2") + summary -> $(SWEEP_DIR)/sweep.{md,csv,png}
+	OMP_NUM_THREADS=1 $(PY) -m erasure.train -m model=$(MODEL) concept=$(CONCEPT) method=ours lambda=$(LAMBDAS) \
+	  trainer.preview_every=0 hydra/launcher=local hydra.launcher.n_jobs=$(SWEEP_JOBS) hydra.sweep.dir=$(SWEEP_DIR) $(SWEEP_ARGS)
+	$(PY) -m eval.sweep $(SWEEP_DIR)
+
+figures: install ## the paper's figures from make table1 / make sweep -> outputs/figures/{timelines,erasure_curve,lambda}.png
+	$(PY) -m eval.figures runs=outputs/table1/runs sweep=$(SWEEP_DIR) out=outputs/figures
 
 .PHONY: bench bench-quick bench-gpu
 bench-quick: install ## CPU benchmark, reference vs optimized, toy world (under 3 minutes)

@@ -22,6 +22,8 @@ class TrainerConfig:
     compile: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    probe_points: int = 0
+    probe_seeds: int = 4
 
 
 @dataclasses.dataclass
@@ -37,6 +39,7 @@ class ModelConfig:
     seed: int = 0
     width: int = 32
     probe: Optional[str] = None
+    probe_point: Optional[str] = None
 
 
 @dataclasses.dataclass

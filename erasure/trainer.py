@@ -114,6 +114,38 @@ class Previews:
         return save_png(grid(rows, row_labels=labels, col_labels=[f"it {s}" for s, _ in self.columns]), path)
 
 
+class ProbeCurve:
+    """The model's probe at evenly spaced iterations (``trainer.probe_points``), appended to ``probe.jsonl`` and
+    logged as ``probe/<name>``: the erasure curve of the paper's Fig. 4. Needs a model tier with ``probe_point``."""
+
+    def __init__(self, cfg: DictConfig, models: Models, run_dir: Path, iterations: int, logger, session):
+        points = int(cfg.trainer.get("probe_points") or 0)
+        self.fn = None
+        self.steps: set[int] = set()
+        self.path = run_dir / "probe.jsonl"
+        if points <= 0:
+            return
+        if not cfg.model.get("probe_point"):
+            log.warning("trainer.probe_points=%d is ignored: model '%s' has no probe_point", points, cfg.model.name)
+            return
+        self.fn = hydra.utils.get_method(str(cfg.model.probe_point).replace(":", "."))
+        self.steps = {max(1, round(iterations * k / points)) for k in range(1, points + 1)}
+        self.cfg, self.models, self.logger, self.session = cfg, models, logger, session
+        self.seeds = int(cfg.trainer.get("probe_seeds") or 4)
+
+    def __call__(self, step: int, params: dict) -> None:
+        if self.fn is None:
+            return
+        if step == 0:
+            self.path.unlink(missing_ok=True)
+        with self.session.autocast():
+            point = self.fn(models=self.models, cfg=self.cfg, params=params, seeds=self.seeds)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **point}) + "\n")
+        self.logger.log({f"probe/{k}": v for k, v in point.items()}, step)
+        log.info("probe at iteration %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in point.items()))
+
+
 class TeacherBank:
     """Teacher work done ahead in batches (``trainer.teacher_batch``), consumed one iteration at a time.
 
@@ -287,6 +319,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     checkpoint_every = int(tr.get("checkpoint_every") or 0)
     keep = int(tr.get("keep_checkpoints", 2))
 
+    curve = ProbeCurve(cfg, models, run_dir, iterations, logger, session)
+    if start_step == 1:
+        curve(0, teacher.params)
+    elif curve.path.is_file():  # resumed: drop curve points written after the checkpoint
+        lines = curve.path.read_text().splitlines()
+        write_text_atomic(curve.path, "".join(l + "\n" for l in lines if json.loads(l)["step"] < start_step))
+
     metrics_path = run_dir / "metrics.jsonl"
     if start_step > 1:  # keep the metrics of the steps the checkpoint covers, drop any written after it
         lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
@@ -305,6 +344,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
             if every and (step % every == 0 or step == iterations):
                 with session.autocast():
                     logger.log_image("preview", previews(step, method.export_params()), step)
+            if step in curve.steps:
+                curve(step, method.export_params())
             if checkpoint_every and step % checkpoint_every == 0 and step < iterations:
                 save_checkpoint(run_dir, step, session.state(step), keep)
     train_time = time.perf_counter() - start

@@ -58,6 +58,16 @@ def test_wandb_offline_sweep_is_grouped_and_logs_media(tmp_path):
     times = {json.loads((p / "summary.json").read_text())["train_time_s"] for p in sweep.glob("[0-9]_*")}
     assert {float(r["train_time_s"]) for r in rows} == times  # one seed per setting: the run's own number
 
+    # eval.figures stacks the runs' timelines (one per method: both runs are `ours`, the later one is shown)
+    figs = run_cli(["-m", "eval.figures", f"runs={sweep}", f"out={tmp_path / 'figures'}"], env=env)
+    assert figs.returncode == 0, figs.stderr[-2000:]
+    from PIL import Image
+
+    stacked = Image.open(tmp_path / "figures" / "timelines.png")
+    one = Image.open(sorted(sweep.glob("[0-9]_*/timeline.png"))[-1])
+    assert stacked.width == one.width and stacked.height > one.height
+    assert "erasure curve: no run has probe.jsonl" in figs.stderr  # the tiny model has no probe: said, skipped
+
 
 def _run_folder(root: Path, lam: float, seed: int, numbers: dict) -> None:
     """A run folder as erasure.train leaves it (config.yaml, summary.json); the numbers are given, the config real."""

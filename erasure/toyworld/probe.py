@@ -34,7 +34,7 @@ def _generate(models, cfg, prompts: list[str], seeds: list[int]):
                     batch_size=64, progress=True)
 
 
-def measure(models, cfg, params, images_out: list | None = None) -> dict:
+def measure(models, cfg, params, images_out: list | None = None, seeds: int | None = None) -> dict:
     """Detector figures for the UNet with ``params`` swapped in (its images are appended to ``images_out``)."""
     probe = cfg.concept.get("probe")
     if not probe:
@@ -43,7 +43,7 @@ def measure(models, cfg, params, images_out: list | None = None) -> dict:
     attribute = str(probe.attribute)
     if attribute not in ("shape", "color"):
         raise UserError(f"probe.attribute must be 'shape' or 'color', got '{attribute}'")
-    n = int(probe.get("seeds", 12))
+    n = int(seeds if seeds is not None else probe.get("seeds", 12))
     targets = [str(p) for p in probe.target_prompts]
     preserve = [dict(p) for p in probe.preserve_prompts]
     prompts = [p for p in targets for _ in range(n)] + [p["prompt"] for p in preserve for _ in range(n)]
@@ -94,3 +94,9 @@ def erasure_summary(models, cfg, base_params, erased_params) -> dict:
     log.info("toy-world probe: SSIM to the base model's images %.3f on the other prompts, %.3f on target prompts",
              summary["ssim_preserved"], summary["ssim_target"])
     return summary
+
+
+def curve_point(models, cfg, params, seeds: int) -> dict:
+    """One point of the erasure curve (``trainer.probe_points``): concept rate and preserved accuracies."""
+    out = measure(models, cfg, params, seeds=seeds)
+    return {k: v for k, v in out.items() if isinstance(v, float)}
