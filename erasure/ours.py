@@ -14,6 +14,13 @@ Algorithm 1 of the paper with the explicit erasing signal (Eq. 12-13, "Explicit 
   ``torch.quantile(abs(guidance).flatten(start_dim=2), threshold, dim=2)``), and is zero outside the concept's
   step window and before the warm-up.
 
+With ``method.signal=implicit`` (paper, "Implicit Erasing Signal"; Supplementary "Implicit guidance with
+Prompt-to-Prompt") delta is instead gamma1 (eps*_sup(z, c) - eps*(z, c)), where eps*_sup is the teacher with the
+cross-attention probabilities of the target's words re-weighted as in Prompt-to-Prompt (Hertz et al. 2022), inside
+``method.implicit.window`` and after the warm-up: the guidance target becomes gamma1 (eps*_sup(z, c) - eps*(z, ∅))
+there, and z_t is sampled with the same delta. The instruction concepts are not used. Mechanism, defaults and
+sources: erasure/implicit.py.
+
 Sign of delta: Algorithm 1 adds delta to the guidance target (line 11) and to the sampling epsilon (line 7);
 Eq. 13 prints "- gamma1(...) + delta" inside the norm, i.e. the opposite sign on delta. We follow Algorithm 1,
 which is consistent with how z_t is sampled.
@@ -24,16 +31,22 @@ this only rescales the loss, i.e. the learning rate, identically for both terms.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
+from . import implicit as p2p
 from .errors import UserError
 from .method import BaseMethodConfig, ErasureMethod
 from .registry import register
 from .sampling import eps_all, sample_to_step
 from .teacher import student_eps
+
+log = logging.getLogger(__name__)
+
+SIGNALS = ("explicit", "implicit", "none")
 
 
 @dataclasses.dataclass
@@ -48,7 +61,8 @@ class OursConfig(BaseMethodConfig):
     T: int = 35  # paper, Training Setup: DDIM with T = 35
     warmup: int = 5  # paper, Training Setup: t_warmup = 5 (in steps taken from x_T; see conf/method/ours.yaml)
     lam: float = 5.0  # paper, Training Setup: lambda = 5 (interpolated from the top-level `lambda`)
-    signal: str = "explicit"  # the erasing signal delta: explicit (instruction concepts) or none
+    signal: str = "explicit"  # the erasing signal delta: explicit (instruction concepts), implicit (P2P) or none
+    implicit: p2p.ImplicitConfig = dataclasses.field(default_factory=p2p.ImplicitConfig)  # signal=implicit only
 
 
 def concept_and_penalty(eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_target: torch.Tensor,
@@ -109,8 +123,9 @@ class AllButOne(ErasureMethod):
             raise UserError(f"lambda must be >= 0 (the paper's Eq. 10 requires lambda >= 0), got {cfg.lam}")
         if cfg.T < 2:
             raise UserError(f"method.T (DDIM steps) must be at least 2, got {cfg.T}")
-        if cfg.signal not in ("explicit", "none"):
-            raise UserError(f"method.signal must be 'explicit' or 'none', got '{cfg.signal}'")
+        if cfg.signal not in SIGNALS:
+            raise UserError(f"method.signal must be 'explicit', 'implicit' or 'none', got '{cfg.signal}'")
+        p2p.validate_implicit(cfg.implicit)
 
     def __init__(self, cfg: OursConfig, ctx):
         super().__init__(cfg, ctx)
@@ -126,18 +141,73 @@ class AllButOne(ErasureMethod):
         self.emb_targets = ctx.embed(targets)
         self.emb_instr = ctx.embed([i["text"] for i in self.instructions]) if self.instructions else None
         self.targets = targets
+        self.implicit = cfg.signal == "implicit"
+        if self.implicit:
+            self._setup_implicit(cfg.implicit, ctx)
+
+    def _setup_implicit(self, icfg: p2p.ImplicitConfig, ctx) -> None:
+        """P2P re-weighting processors on the teacher's (shared) UNet, switched off, and each target's equalizer."""
+        self.implicit_window = resolve_window(icfg.window, self.cfg.T)
+        tok = ctx.models.tokenizer
+        weights = []
+        for text in self.targets:
+            words = [str(w) for w in icfg.words] if icfg.words is not None else [text]
+            positions = p2p.token_positions(tok, text, words)
+            if not positions:
+                raise UserError(f"method.implicit.words {words} do not occur in the target prompt '{text}' "
+                                f"(as CLIP tokens): name words of every target")
+            ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+            log.info("implicit signal: target '%s' re-weights tokens %s (%s) by %g", text, positions,
+                     " ".join(tok.convert_ids_to_tokens([ids[i] for i in positions])), icfg.reweight)
+            weights.append(p2p.token_weights(positions, len(ids), icfg.reweight))
+        self.token_weights = torch.stack(weights).to(ctx.device)  # (targets, tokens)
+        self.reweighting = p2p.TokenReweighting()
+        layers = p2p.install(ctx.unet, icfg.layers, self.reweighting)
+        log.info("implicit signal: P2P re-weighting on %d cross-attention layers, steps %d..%d from x_T (warm-up %d)",
+                 len(layers), *self.implicit_window, self.cfg.warmup)
+        lo, hi = self.implicit_window
+        if max(lo, self.cfg.warmup) > min(hi, self.cfg.T - 1):
+            log.warning("implicit signal: no step is both in method.implicit.window (steps %d..%d) and after the "
+                        "warm-up (%d) with T = %d, so delta is always zero", lo, hi, self.cfg.warmup, self.cfg.T)
+        self.reweighted_teacher = p2p.ReweightedEps(lambda: self.ctx.teacher, self.reweighting)
+        if self.instructions or ctx.concept.get("instructions"):
+            log.info("implicit signal: the concept's instruction concepts are not used")
 
     supports_teacher_bank = True  # Algorithm 1, lines 3-10 use theta* only
 
     def delta(self, steps_taken: int, eps: list[torch.Tensor]) -> torch.Tensor | None:
+        """delta at ``steps_taken`` from the epsilons of the conditions (∅, c, then the extra ones, None if idle)."""
+        if self.implicit:  # condition 2: the target prompt with its words' attention re-weighted
+            if not self.active(steps_taken) or eps[2] is None:
+                return None
+            return self.cfg.gamma1 * (eps[2] - eps[1])
         return instruction_delta(steps_taken, eps[0], eps[2:], self.instructions, self.cfg.warmup)
 
     def active(self, steps_taken: int) -> list[int]:
-        """Condition indices (2 + instruction index) whose epsilon delta reads at ``steps_taken``: only these are
-        evaluated (an instruction concept outside its window, or any before the warm-up, adds nothing)."""
+        """Condition indices (2 + instruction index; 2 for the re-weighted target) whose epsilon delta reads at
+        ``steps_taken``: only these are evaluated (outside a window, or before the warm-up, they add nothing)."""
         if steps_taken < self.cfg.warmup:
             return []
+        if self.implicit:
+            lo, hi = self.implicit_window
+            return [2] if lo <= steps_taken <= hi else []
         return [2 + k for k, inst in enumerate(self.instructions) if inst["lo"] <= steps_taken <= inst["hi"]]
+
+    def conditions(self, target_index: torch.Tensor) -> tuple[list[torch.Tensor], object]:
+        """The sampler's conditions [∅, c, extra...] for samples with these targets, and the epsilon function.
+
+        Explicit: the instruction concepts follow, through the plain teacher. Implicit: c again, carrying its
+        P2P equalizer, through the teacher that switches the re-weighting on for those rows (erasure/implicit.py).
+        """
+        conds = [self.emb_uncond, self.emb_targets[target_index]]
+        if not self.implicit:
+            if self.emb_instr is not None:
+                conds += list(self.emb_instr.split(1))
+            return conds, self.ctx.teacher
+        ones = torch.ones(1, self.token_weights.shape[1], device=self.token_weights.device)
+        conds = [p2p.with_weights(conds[0], ones), p2p.with_weights(conds[1], ones),
+                 p2p.with_weights(conds[1], self.token_weights[target_index])]
+        return conds, self.reweighted_teacher
 
     def draw(self, step: int) -> dict:
         """Algorithm 1, line 3: t ~ U{1..T}, c_s ~ C_s, x_T ~ N(0, I) (in this order, from the run's generator)."""
@@ -154,19 +224,18 @@ class AllButOne(ErasureMethod):
         x_T = torch.cat([d["x_T"] for d in draws])
         steps = [cfg.T - d["t"] for d in draws]
         index = torch.tensor([d["target_index"] for d in draws], device=ctx.device)
-        conds = [self.emb_uncond, self.emb_targets[index]]
-        if self.emb_instr is not None:
-            conds += list(self.emb_instr.split(1))
-        z_t, timesteps = sample_to_step(ctx.teacher, ctx.models.scheduler, x_T, conds, steps, cfg.T, cfg.gamma1,
+        conds, teacher = self.conditions(index)
+        z_t, timesteps = sample_to_step(teacher, ctx.models.scheduler, x_T, conds, steps, cfg.T, cfg.gamma1,
                                         extra=self.delta, needed=self.active)
-        eps = eps_all(ctx.teacher, z_t, timesteps, conds[:2])
+        eps = eps_all(teacher, z_t, timesteps, conds[:2])
         guidance_target = cfg.gamma1 * (eps[1] - eps[0])
-        # eps*(z_t, c'') only for the (sample, instruction) pairs whose window holds the sample's step: one call
+        # the extra conditions only for the (sample, condition) pairs whose window holds the sample's step: one call
         pairs = [(i, k) for i in range(len(draws)) for k in self.active(steps[i])]
         instr_eps: dict[tuple[int, int], torch.Tensor] = {}
         if pairs:
             rows = torch.tensor([i for i, _ in pairs], device=z_t.device)
-            out = ctx.teacher(z_t[rows], timesteps.to(z_t.device)[rows], torch.cat([conds[k] for _, k in pairs]))
+            out = teacher(z_t[rows], timesteps.to(z_t.device)[rows],
+                          torch.cat([conds[k] if conds[k].shape[0] == 1 else conds[k][i: i + 1] for i, k in pairs]))
             instr_eps = {pair: out[j: j + 1] for j, pair in enumerate(pairs)}
         work = []
         for i, d in enumerate(draws):
