@@ -40,6 +40,7 @@ class ModelConfig:
     width: int = 32
     probe: Optional[str] = None
     probe_point: Optional[str] = None
+    lr_scale: float = 1.0
 
 
 @dataclasses.dataclass

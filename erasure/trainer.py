@@ -55,9 +55,12 @@ def validate(cfg: DictConfig):
     tr = cfg.trainer
     if int(tr.iterations) < 1:
         raise UserError(f"trainer.iterations must be at least 1, got {tr.iterations}")
-    for key, low in (("teacher_batch", 1), ("keep_checkpoints", 1), ("preview_every", 0), ("checkpoint_every", 0)):
+    for key, low in (("teacher_batch", 1), ("keep_checkpoints", 1), ("preview_every", 0), ("checkpoint_every", 0),
+                     ("probe_points", 0), ("probe_seeds", 1)):
         if int(tr.get(key, low)) < low:
             raise UserError(f"trainer.{key} must be at least {low}, got {tr.get(key)}")
+    if not float(cfg.model.get("lr_scale", 1.0)) > 0:
+        raise UserError(f"model.lr_scale must be > 0, got {cfg.model.get('lr_scale')}")
     if str(tr.get("precision", "auto")) not in ("auto", *DTYPES):
         raise UserError(f"unknown trainer.precision '{tr.precision}': choose auto, float32 or bfloat16")
     targets = list(cfg.concept.get("targets") or [])
@@ -214,7 +217,12 @@ class Session:
         with precision_context(models.device, precision):
             method = method_cls(method_cfg, ctx)  # a method's own preparation (e.g. anchor images) is timed apart
         setup_time = time.perf_counter() - setup_start
-        optimizer = torch.optim.AdamW(method.parameters(), lr=method.learning_rate(), betas=tuple(method_cfg.adam_betas),
+        lr = method.learning_rate()
+        lr_scale = float(cfg.model.get("lr_scale", 1.0))
+        if lr_scale != 1.0:  # a model tier's uniform factor on every method's learning rate (conf/model/toyworld.yaml)
+            log.info("learning rate %.3g x model.lr_scale %g = %.3g", lr, lr_scale, lr * lr_scale)
+            lr *= lr_scale
+        optimizer = torch.optim.AdamW(method.parameters(), lr=lr, betas=tuple(method_cfg.adam_betas),
                                       eps=method_cfg.adam_eps, weight_decay=method_cfg.weight_decay)
         teacher_batch = int(tr.get("teacher_batch", 1))
         step_fn = TeacherBank(method, teacher_batch, int(tr.iterations)) \
