@@ -137,11 +137,16 @@ def test_sharded_generation_matches_one_process(runs, tmp_path):
     one = subprocess.run([sys.executable, "-m", "eval.generate", *common, f"cache_dir={tmp_path / 'one'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
+    import socket
+
+    with socket.socket() as sock:  # a free rendezvous port (torchrun's default 29500 may be taken)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
                           "-m", "eval.generate", *common, f"cache_dir={tmp_path / 'two'}"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr
+    assert two.returncode == 0, two.stderr[-3000:]
     assert "process 1/2 made 3" in two.stderr and "process 2/2 made 2" in two.stderr  # batches 0, 2 | 1
     a, b = generated(tmp_path / "one"), generated(tmp_path / "two")
     assert len(a) == n and [p.name for p in a] == [p.name for p in b]
