@@ -163,3 +163,26 @@ def test_probe_with_unchanged_weights_reports_no_change():
     out = erasure_summary(models=m, cfg=cfg, base_params=params, erased_params=params)
     assert out["concept_rate_before"] == out["concept_rate_after"]
     assert out["preserved_accuracy_before"] == out["preserved_accuracy_after"]
+
+
+@needs_model
+def test_training_records_the_erasure_curve_and_scales_the_lr(tmp_path):
+    """trainer.probe_points writes probe.jsonl (iteration 0 = the base model, measured again by the final probe's
+    "before" on the same prompts and seeds: two routes, one number), and model.lr_scale multiplies the method's lr."""
+    import json
+
+    from erasure.trainer import train
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["model=toyworld", "concept=circle", "method.T=6", "trainer.iterations=2",
+                       "trainer.preview_every=0", "trainer.probe_points=2", "trainer.probe_seeds=1",
+                       "concept.probe.seeds=1"])
+    train(cfg, tmp_path)
+    points = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in points] == [0, 1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert points[0]["concept_rate"] == summary["concept_rate_before"]
+    assert points[0]["preserved_accuracy"] == summary["preserved_accuracy_before"]
+    assert points[-1]["concept_rate"] == summary["concept_rate_after"]
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == pytest.approx(cfg.method.lr * cfg.model.lr_scale) and cfg.model.lr_scale == 100
