@@ -338,7 +338,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     if start_step > 1:  # keep the metrics of the steps the checkpoint covers, drop any written after it
         lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
         write_text_atomic(metrics_path, "".join(l + "\n" for l in lines if json.loads(l)["step"] < start_step))
-    start = time.perf_counter()
+    start, excluded = time.perf_counter(), 0.0
     with open(metrics_path, "a" if start_step > 1 else "w") as metrics_file, \
             tqdm(range(start_step, iterations + 1), desc=f"erasing ({method_cls.name})", dynamic_ncols=True,
                  disable=None) as bar:
@@ -349,6 +349,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
             metrics_file.flush()
             logger.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
             bar.set_postfix(loss=f"{record['loss']:.4g}")
+            aside = time.perf_counter()  # previews, probe points and checkpoints are not training time
             if every and (step % every == 0 or step == iterations):
                 with session.autocast():
                     logger.log_image("preview", previews(step, method.export_params()), step)
@@ -356,7 +357,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
                 curve(step, method.export_params())
             if checkpoint_every and step % checkpoint_every == 0 and step < iterations:
                 save_checkpoint(run_dir, step, session.state(step), keep)
-    train_time = time.perf_counter() - start
+            excluded += time.perf_counter() - aside
+    train_time = time.perf_counter() - start - excluded
 
     meta = dict(base_model=models.source, base_fingerprint=base_fingerprint, model=cfg.model.name,
                 method=method_cls.name, params=cfg.params.name, iterations=iterations, seed=int(tr.seed),
