@@ -32,7 +32,7 @@ SMALL = {
 
 def build(method: str, extra: list[str] = ()):
     """What erasure.trainer.train sets up before its loop: the method on the tiny model, and its context."""
-    cfg = compose_cfg(["model=tiny", f"method={method}", *SMALL[method], *extra])
+    cfg = compose_cfg(["model=tiny", "concept=nudity", f"method={method}", *SMALL[method], *extra])
     method_cls, mcfg = validate(cfg)
     seed_everything(0)
     models = load_models(cfg.model, "cpu")
@@ -242,7 +242,7 @@ DEFAULT_PARAMS = {"esd": "noxattn", "sdd": "xattn", "ablating": "attn_qkv", "fmn
 
 @pytest.mark.parametrize("method", ["esd", "sdd", "ablating", "fmn"])
 def test_two_iterations_end_to_end(method, tmp_path):
-    cfg = compose_cfg(["model=tiny", f"method={method}", *SMALL[method], "trainer.iterations=2",
+    cfg = compose_cfg(["model=tiny", "concept=nudity", f"method={method}", *SMALL[method], "trainer.iterations=2",
                        "trainer.preview_every=0"])
     run = train(cfg, tmp_path / method)
     summary = json.loads((run / "summary.json").read_text())
