@@ -33,6 +33,21 @@ def check_group_overrides(argv: list[str]) -> None:
                 raise UserError(f"unknown {what} '{choice.strip()}' ({key}=): choose one of {', '.join(options)}")
 
 
+def parse_options(argv: list[str], options: set[str], usage: str, required) -> "DictConfig":
+    """``key=value`` arguments of a small CLI as a DictConfig; unknown keys or ``required(args)`` false end in
+    one sentence (the unknown keys, then the usage line)."""
+    from omegaconf import OmegaConf
+
+    try:
+        args = OmegaConf.from_dotlist(argv) if argv else OmegaConf.create()
+    except Exception:  # noqa: BLE001 -- a malformed key=value list
+        raise UserError(f"cannot parse the command line; {usage}") from None
+    unknown = set(args) - options
+    if unknown or not required(args):
+        raise UserError(f"{'unknown option ' + ', '.join(sorted(unknown)) + '; ' if unknown else ''}{usage}")
+    return args
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
 

@@ -31,3 +31,23 @@ def grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, col
         for j, im in enumerate(row):
             canvas.paste(im, (left + j * (w + pad), top + i * (h + pad)))
     return canvas
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (figures are written to files, never shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)

@@ -43,7 +43,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 
-from .cli import setup_logging
+from .cli import parse_options, setup_logging
 from .errors import UserError, exit_on_user_error
 from .images import grid, save_png
 
@@ -271,13 +271,7 @@ def _number(args, key: str, kind, default):
 @exit_on_user_error
 def main(argv: list[str]) -> dict:
     setup_logging()
-    try:
-        args = OmegaConf.from_dotlist(argv) if argv else OmegaConf.create()
-    except Exception:  # noqa: BLE001 -- a malformed key=value list
-        raise UserError(f"cannot parse the command line; {USAGE}") from None
-    unknown = set(args) - OPTIONS
-    if unknown or "run" not in args or "image" not in args:
-        raise UserError(f"{'unknown option ' + ', '.join(sorted(unknown)) + '; ' if unknown else ''}{USAGE}")
+    args = parse_options(argv, OPTIONS, USAGE, lambda a: "run" in a and "image" in a)
     base = _flag(args.get("base", False))
     prompt = "" if args.get("prompt") is None else str(args.get("prompt"))
     paths = find_images(args.image)

@@ -58,11 +58,9 @@ def erasure_curve(runs: dict[str, Path], path: Path) -> Path | None:
     if not curves:
         log.info("erasure curve: no run has probe.jsonl (train with trainer.probe_points=<n> on a model with a probe)")
         return None
-    import matplotlib
+    from erasure.images import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [k for k in ("concept_rate", "preserved_accuracy", "preserved_color_accuracy")
             if any(k in p for c in curves.values() for p in c)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
@@ -77,11 +75,7 @@ def erasure_curve(runs: dict[str, Path], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    from erasure.delta import atomic_write
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def lambda_plot(sweep: Path | None, path: Path) -> Path | None:

@@ -53,8 +53,7 @@ def find_runs(folder: Path) -> list[Path]:
     """Run folders below ``folder`` (any depth up to 4) that hold config.yaml and summary.json."""
     runs = sorted({p.parent for depth in range(0, 5) for p in folder.glob("/".join(["*"] * depth + ["summary.json"]))
                    if (p.parent / "config.yaml").is_file()})
-    unfinished = sorted({p.parent for p in folder.rglob("config.yaml")} - set(runs) - {folder / ".hydra"})
-    unfinished = [p for p in unfinished if p.name != ".hydra"]
+    unfinished = sorted({p.parent for p in folder.rglob("config.yaml") if p.parent.name != ".hydra"} - set(runs))
     if unfinished:
         log.warning("%d run folder(s) without summary.json (unfinished) are left out, e.g. %s", len(unfinished),
                     unfinished[0])
@@ -153,14 +152,23 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def columns(result: dict) -> list[str]:
+    """The flat table's header: the varied keys, the number of seeds, then each metric's mean and std."""
+    return [*result["varied"], "n", *[c for m in result["metrics"] for c in (m, m + "_std")]]
+
+
+def cells(result: dict, row: dict, missing=None) -> list:
+    """One row of the flat table, in the order of :func:`columns`."""
+    return [row["setting"][k] for k in result["varied"]] + [row["n"]] + \
+        [row.get(c, missing) for m in result["metrics"] for c in (m, m + "_std")]
+
+
 def to_csv(result: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    metrics = result["metrics"]
-    w.writerow([*result["varied"], "n", *[c for m in metrics for c in (m, m + "_std")]])
+    w.writerow(columns(result))
     for row in result["rows"]:
-        w.writerow([row["setting"][k] for k in result["varied"]] + [row["n"]] +
-                   [row.get(c, "") for m in metrics for c in (m, m + "_std")])
+        w.writerow(cells(result, row, missing=""))
     return buf.getvalue()
 
 
@@ -179,11 +187,9 @@ def plot(result: dict, path: Path, x: str | None = None) -> Path | None:
     if x is None:
         log.info("no numeric swept key: no plot")
         return None
-    import matplotlib
+    from erasure.images import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [m for m in ("concept_rate_after", "eval.concept_rate", "eval.nudenet") if m in result["metrics"]][:1]
     panels += [m for m in ("ssim_preserved", "eval.ssim") if m in result["metrics"]][:1]
     panels += [m for m in ("preserved_accuracy_after",) if m in result["metrics"]]
@@ -209,11 +215,7 @@ def plot(result: dict, path: Path, x: str | None = None) -> Path | None:
     if others:
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    from erasure.delta import atomic_write
-
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def log_wandb(result: dict, folder: Path, png: Path | None) -> None:
@@ -227,10 +229,7 @@ def log_wandb(result: dict, folder: Path, png: Path | None) -> None:
     run = wandb.init(project=lg.get("project", "concept-erasure"), entity=lg.get("entity"), job_type="sweep-summary",
                      group=sweep_group(folder), name=f"sweep {folder}", mode=wandb_mode(lg.get("mode"), folder),
                      dir=str(folder), reinit="finish_previous")
-    cols = [*result["varied"], "n", *[c for m in result["metrics"] for c in (m, m + "_std")]]
-    table = wandb.Table(columns=cols, data=[[r["setting"][k] for k in result["varied"]] + [r["n"]] +
-                                            [r.get(c) for m in result["metrics"] for c in (m, m + "_std")]
-                                            for r in result["rows"]])
+    table = wandb.Table(columns=columns(result), data=[cells(result, r) for r in result["rows"]])
     logged = {"sweep/table": table}
     x = choose_x(result, None)
     m = next((m for m in ("concept_rate_after", "eval.concept_rate", "eval.nudenet") if m in result["metrics"]), None)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from ..cli import CONF_DIR, setup_logging
+from ..cli import CONF_DIR, parse_options, setup_logging
 from ..errors import UserError, exit_on_user_error
 from . import world
 
@@ -159,13 +159,7 @@ def _save_grid(out: Path, inputs: np.ndarray, purified: dict) -> Path:
 @exit_on_user_error
 def main(argv: list[str]) -> dict:
     setup_logging()
-    try:
-        args = OmegaConf.from_dotlist(argv) if argv else OmegaConf.create()
-    except Exception:  # noqa: BLE001 -- a malformed key=value list
-        raise UserError(f"cannot parse the command line; {USAGE}") from None
-    unknown = set(args) - OPTIONS
-    if unknown or ("run" not in args and "model" not in args):
-        raise UserError(f"{'unknown option ' + ', '.join(sorted(unknown)) + '; ' if unknown else ''}{USAGE}")
+    args = parse_options(argv, OPTIONS, USAGE, lambda a: "run" in a or "model" in a)
     prompts = args.get("prompts")
     if prompts is not None:
         prompts = [str(p) if p is not None else "" for p in (prompts if OmegaConf.is_list(prompts) else [prompts])]
