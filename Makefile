@@ -91,9 +91,8 @@ bench-quick: install ## CPU benchmark, reference vs optimized, toy world (under 
 bench: install ## CPU benchmark at the paper's 200 iterations (toy world)
 	$(PY) -m erasure.bench
 
-bench-gpu: ## GPU benchmark on SD v1.4's architecture with random weights (about 4 minutes on an H200)
-	python3 -m erasure.bench --model sd14-random --methods ours,esd --iterations 200 --teacher-batch 50 \
-	    --reference-iterations 30 --baseline-iterations 3 --generation-images 8
+bench-gpu: ## GPU benchmark on SD v1.4's architecture with random weights (bench/gpu.sh: about 9 minutes on one H100)
+	bash bench/gpu.sh
 
 .PHONY: test-resume
 test-resume: install ## kill a run with SIGKILL at a random step, resume it, compare the deltas bit for bit

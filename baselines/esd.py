@@ -79,17 +79,40 @@ class ESD(ErasureMethod):
     def _student(self, x, t, e):
         return student_eps(self.ctx.unet, x, t, e)
 
-    def training_step(self, step: int) -> dict[str, torch.Tensor]:
+    @property
+    def supports_teacher_bank(self) -> bool:
+        """Batched z_t only where the frozen base samples it (esd_sd.py); train-esd.py's student sampling depends
+        on the weights being trained, so it stays one trajectory at a time."""
+        return self.cfg.sampler == "teacher"
+
+    def draw(self, step: int) -> dict:
         ctx, cfg = self.ctx, self.cfg
         i = ctx.randint(0, len(self.targets))  # train-esd.py: word = random.sample(words, 1)[0]
-        emb_c = self.emb_targets[i: i + 1]
         steps_taken = ctx.randint(0, cfg.ddim_steps)  # train-esd.py: t_enc = torch.randint(ddim_steps, (1,))
         x_T = ctx.randn(1, *ctx.models.latent_shape)
-        sampler = self._student if cfg.sampler == "student" else ctx.teacher
-        z_t, timestep = sample_to_step(sampler, ctx.models.scheduler, x_T, [self.emb_uncond, emb_c], steps_taken,
-                                       cfg.ddim_steps, cfg.start_guidance)
-        with torch.no_grad():
-            teacher_u, teacher_c = eps_all(ctx.teacher, z_t, timestep, [self.emb_uncond, emb_c])
-        student_c = self._student(z_t, timestep, emb_c)
-        loss = esd_loss(student_c, teacher_u, teacher_c, cfg.eta)
-        return {"loss": loss}
+        return dict(target_index=i, steps_taken=steps_taken, x_T=x_T)
+
+    @torch.no_grad()
+    def _work(self, draws: list[dict], sampler) -> list[dict]:
+        """z_t (DDIM with guidance start_guidance, sampled by ``sampler``) and the teacher's eps at z_t, per draw."""
+        ctx, cfg = self.ctx, self.cfg
+        index = torch.tensor([d["target_index"] for d in draws], device=ctx.device)
+        emb_c = self.emb_targets[index]
+        z_t, timesteps = sample_to_step(sampler, ctx.models.scheduler, torch.cat([d["x_T"] for d in draws]),
+                                        [self.emb_uncond, emb_c], [d["steps_taken"] for d in draws],
+                                        cfg.ddim_steps, cfg.start_guidance)
+        teacher_u, teacher_c = eps_all(ctx.teacher, z_t, timesteps, [self.emb_uncond, emb_c])
+        return [dict(z_t=z_t[k: k + 1], timestep=timesteps[k], target_index=d["target_index"],
+                     teacher_u=teacher_u[k: k + 1], teacher_c=teacher_c[k: k + 1]) for k, d in enumerate(draws)]
+
+    def teacher_work(self, draws: list[dict]) -> list[dict]:
+        return self._work(draws, self.ctx.teacher)
+
+    def student_loss(self, work: dict) -> dict[str, torch.Tensor]:
+        i = work["target_index"]
+        student_c = self._student(work["z_t"], work["timestep"], self.emb_targets[i: i + 1])
+        return {"loss": esd_loss(student_c, work["teacher_u"], work["teacher_c"], self.cfg.eta)}
+
+    def training_step(self, step: int) -> dict[str, torch.Tensor]:
+        sampler = self._student if self.cfg.sampler == "student" else self.ctx.teacher
+        return self.student_loss(self._work([self.draw(step)], sampler)[0])

@@ -11,11 +11,13 @@ same settings. Prints a table and a final JSON line keyed by method.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,8 +46,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_training(models, base_state, overrides: list[str], iterations: int) -> dict:
-    """Seconds per iteration of ``iterations`` optimizer steps (method set-up excluded), from the same base weights."""
+def time_training(models, base_state, overrides: list[str], iterations: int, profile: Path | None = None) -> dict:
+    """Seconds per iteration of ``iterations`` optimizer steps (method set-up excluded), from the same base weights.
+
+    With ``profile``, the steps run under ``torch.profiler`` and its operator table (sorted by self time on the
+    device, or on the CPU) is written there: where an iteration's time goes."""
     cfg = _compose(overrides + [f"trainer.iterations={iterations}", "trainer.preview_every=0", "logger=none"])
     cls = registry.get_method(cfg.method.name)
     mcfg = cls.parse_config(cfg.method)
@@ -57,16 +62,56 @@ def time_training(models, base_state, overrides: list[str], iterations: int) -> 
         torch.cuda.reset_peak_memory_stats()
     session = Session.create(cfg, models, cls, mcfg)
     _sync(models.device)
+    prof = _profiler(models.device) if profile else contextlib.nullcontext()
     start = time.perf_counter()
-    for step in range(1, iterations + 1):
-        session.step(step)
-    _sync(models.device)
+    with prof:
+        for step in range(1, iterations + 1):
+            session.step(step)
+        _sync(models.device)
     elapsed = time.perf_counter() - start
+    if profile:
+        key = "self_cuda_time_total" if models.device.type == "cuda" else "self_cpu_time_total"
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        profile.write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        log.info("profile of %d iterations written to %s", iterations, profile)
     out = dict(s_per_it=elapsed / iterations, seconds=elapsed, setup_s=session.setup_time,
                batched=isinstance(session.step_fn, TeacherBank), peak_rss_mb=peak_rss_mb())
     if models.device.type == "cuda":
         out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+@torch.no_grad()
+def precision_check(models, base_state, dtype: torch.dtype) -> dict:
+    """How far the teacher's epsilon moves from float32 under ``trainer.teacher_precision`` autocast and pure:
+    relative RMS error on 4 random latents and prompts at t = 500 (the figure to weigh against their speed)."""
+    from .teacher import Teacher
+
+    unet, dev = models.unet, models.device
+    unet.to(torch.float32)
+    unet.load_state_dict(base_state)
+    g = torch.Generator("cpu").manual_seed(0)
+    x = torch.randn(4, *models.latent_shape, generator=g).to(dev)
+    emb = models.encode_text(["a photo of a cat", "a red circle", "a painting by van gogh", ""]).to(dev, torch.float32)
+    t = torch.tensor(500, device=dev)
+    ref = Teacher(unet, {})(x, t, emb).float()
+    with torch.autocast(dev.type, dtype=dtype):
+        auto = Teacher(unet, {})(x, t, emb).float()
+    unet.to(dtype)
+    pure = Teacher(unet, {}, dtype)(x, t, emb)
+    unet.to(torch.float32)
+    unet.load_state_dict(base_state)
+
+    def rel(a):
+        return float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+
+    return dict(dtype=str(dtype).replace("torch.", ""), autocast_rel_rms=round(rel(auto), 5), pure_rel_rms=round(rel(pure), 5))
+
+
+def _profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
 
 
 @torch.no_grad()
@@ -108,6 +153,13 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--generation-images", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--concept", default=None, help="concept config (default: the train config's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for both modes, e.g. --set trainer.teacher_precision=pure (repeatable)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                    help="also profile 8 optimized iterations of each method; operator tables go to FILE (.<method>.txt)")
+    ap.add_argument("--skip-generation", action="store_true", help="time training only")
+    ap.add_argument("--precision-check", action="store_true",
+                    help="GPU: relative error of the teacher's epsilon in autocast and pure low precision vs float32")
     args = ap.parse_args(argv)
     model = args.model.replace("-", "_")
     methods = args.methods.split(",") if args.methods else registry.available()
@@ -115,19 +167,30 @@ def main(argv: list[str]) -> dict:
     base_its = args.baseline_iterations or (3 if args.quick else 10)
     base = [f"model={model}"] + ([f"concept={args.concept}"] if args.concept else []) + [f"trainer.device={args.device}"]
     cfg0 = _compose(base)
+    base += args.set  # after cfg0: an override may name a key only some methods have (method.sampler)
     models = load_models(cfg0.model, args.device)
     base_state = {k: v.detach().clone() for k, v in models.unet.state_dict().items()}
     results, rows = {}, []
+    if args.precision_check and models.device.type == "cuda":
+        check = precision_check(models, base_state, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        log.info("teacher precision vs float32: %s", check)
+        results["precision_check"] = check
     for name in methods:
         n = its if name == "ours" else base_its
         tb = args.teacher_batch or n
-        ref_n = min(n, args.reference_iterations or n)
-        ref = time_training(models, base_state, base + [f"method={name}", "trainer.teacher_batch=1"], ref_n)
+        ref_n = n if args.reference_iterations is None else min(n, args.reference_iterations)
         opt = time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={tb}"], n)
+        # --reference-iterations 0: optimized mode only (e.g. comparing variants of it with --set)
+        ref = time_training(models, base_state, base + [f"method={name}", "trainer.teacher_batch=1"], ref_n) \
+            if ref_n > 0 else dict(s_per_it=float("nan"), peak_rss_mb=0.0)
+        if args.profile:
+            pn = min(8, n)
+            time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={pn}"], pn,
+                          profile=args.profile.with_suffix(f".{name}.txt"))
         results[name] = dict(iterations=n, reference_iterations=ref_n, teacher_batch=tb,
                              seconds_optimized=round(opt["seconds"], 2), s_per_it_reference=round(ref["s_per_it"], 5),
                              s_per_it_optimized=round(opt["s_per_it"], 5),
-                             speedup=round(ref["s_per_it"] / opt["s_per_it"], 2),
+                             speedup=round(ref["s_per_it"] / opt["s_per_it"], 2) if ref_n > 0 else None,
                              it_per_s_optimized=round(1 / opt["s_per_it"], 3),
                              batched=opt["batched"], setup_s=round(opt["setup_s"], 2),
                              peak_mem_mb=round(max(ref["peak_rss_mb"], opt["peak_rss_mb"]), 1))
@@ -140,17 +203,18 @@ def main(argv: list[str]) -> dict:
     if models.device.type == "cuda" and models.dtype != torch.float32:
         models.unet.to(models.dtype)  # inference in the model's half precision, as the evaluation does on GPU
     gen_n = args.generation_images or (8 if args.quick else 32)
-    gen = time_generation(models, gen_n, batch=8, steps=int(cfg0.model.sample_steps))
+    gen = None if args.skip_generation else time_generation(models, gen_n, batch=8, steps=int(cfg0.model.sample_steps))
     device = torch.cuda.get_device_name() if models.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    lines = [f"model={model}  device={device}  torch={torch.__version__}",
+    lines = [f"model={model}  device={device}  torch={torch.__version__}  overrides={args.set or 'none'}",
              f"{'method':<10}{'its':>5}{'batch':>6}{'s/it ref':>11}{'s/it opt':>11}{'it/s opt':>10}{'speed-up':>10}{'peak MB':>10}"]
     for name in rows:
         r = results[name]
         lines.append(f"{name:<10}{r['iterations']:>5}{r['teacher_batch'] if r['batched'] else 1:>6}{r['s_per_it_reference']:>11.4f}"
-                     f"{r['s_per_it_optimized']:>11.4f}{r['it_per_s_optimized']:>10.2f}{r['speedup']:>9.2f}x"
+                     f"{r['s_per_it_optimized']:>11.4f}{r['it_per_s_optimized']:>10.2f}{r['speedup'] or float('nan'):>9.2f}x"
                      f"{r.get('peak_vram_mb', r['peak_mem_mb']):>10.0f}")
-    lines.append(f"generation: {gen['batched_images_per_s']:.2f} img/s batched (batch {gen['batch']}) vs "
-                 f"{gen['plain_images_per_s']:.2f} img/s plain pipeline, one image per call ({gen['ratio']:.2f}x)")
+    if gen:
+        lines.append(f"generation: {gen['batched_images_per_s']:.2f} img/s batched (batch {gen['batch']}) vs "
+                     f"{gen['plain_images_per_s']:.2f} img/s plain pipeline, one image per call ({gen['ratio']:.2f}x)")
     print("\n".join(lines), flush=True)
     final = dict(results, generation=gen, device=device, model=model)
     print(json.dumps(final), flush=True)

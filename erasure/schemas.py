@@ -19,6 +19,7 @@ class TrainerConfig:
     preview_every: int = 50
     preview_seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1])
     precision: str = "auto"
+    teacher_precision: str = "autocast"
     compile: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2

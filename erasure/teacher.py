@@ -14,14 +14,25 @@ from torch.func import functional_call
 
 
 class Teacher:
-    def __init__(self, unet: torch.nn.Module, trainable: dict[str, torch.nn.Parameter]):
+    """``dtype=None``: the frozen copy keeps the trained parameters' dtype and the caller's autocast (if any) decides
+    each op's precision. ``dtype=torch.bfloat16`` (or float16): the copy, the inputs and every op run in that dtype
+    with autocast off, the way diffusers runs a half-precision pipeline; the result is returned in float32
+    (``trainer.teacher_precision=pure``, GPU only; the UNet's frozen weights must already be in ``dtype``)."""
+
+    def __init__(self, unet: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], dtype: torch.dtype | None = None):
         self.unet = unet
-        self.params = {name: p.detach().clone() for name, p in trainable.items()}
+        self.dtype = dtype
+        self.params = {name: p.detach().clone().to(dtype or p.dtype) for name, p in trainable.items()}
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.unet, self.params, (sample, timestep),
-                               {"encoder_hidden_states": encoder_hidden_states}).sample
+        if self.dtype is None:
+            return functional_call(self.unet, self.params, (sample, timestep),
+                                   {"encoder_hidden_states": encoder_hidden_states}).sample
+        with torch.autocast(sample.device.type, enabled=False):
+            out = functional_call(self.unet, self.params, (sample.to(self.dtype), timestep),
+                                  {"encoder_hidden_states": encoder_hidden_states.to(self.dtype)}).sample
+        return out.float()
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params.values())

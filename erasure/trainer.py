@@ -203,7 +203,11 @@ class Session:
                 for name, p in models.unet.named_parameters():
                     if name not in trainable:
                         p.data = p.data.to(precision)
-        teacher = Teacher(models.unet, trainable)
+        teacher_mode = str(tr.get("teacher_precision", "autocast"))
+        if teacher_mode not in ("autocast", "pure"):
+            raise UserError(f"trainer.teacher_precision={teacher_mode} is not valid: use autocast or pure")
+        # pure: the frozen teacher runs entirely in the low precision (no per-op fp32 norms/casts); CPU stays fp32
+        teacher = Teacher(models.unet, trainable, precision if teacher_mode == "pure" and precision != torch.float32 else None)
         n_unet = sum(p.numel() for p in models.unet.parameters())
         log.info("training %s: %.2fM of %.2fM UNet parameters (params=%s); the teacher holds only a frozen copy of "
                  "those (%.1f MB instead of %.1f MB for a full UNet copy)", method_cls.name, count(trainable) / 1e6,

@@ -79,3 +79,39 @@ def test_teacher_swaps_in_frozen_params_without_copying_the_unet(tiny_models):
     assert not torch.allclose(student, before)
     torch.testing.assert_close(teacher(x, 500, e), before)
     assert teacher.numel() == sum(p.numel() for p in trainable.values()) < sum(p.numel() for p in m.unet.parameters()) / 10
+
+
+def test_pure_low_precision_teacher_is_a_half_precision_copy_run_as_is(tiny_models):
+    """trainer.teacher_precision=pure: the frozen copy of the trained subset, the inputs and every op in bf16 with
+    autocast off. Second route: a deep bf16 copy of the UNet (trained parameters at their base values) called
+    directly on bf16 inputs, as a diffusers half-precision pipeline would."""
+    import copy
+
+    m = tiny_models
+    trainable = select_params(m.unet, compose_cfg(["params=to_out"]).params)
+    by_hand = copy.deepcopy(m.unet).to(torch.bfloat16)
+    for name, p in m.unet.named_parameters():  # the trainer keeps trained weights fp32, the frozen ones bf16
+        if name not in trainable:
+            p.data = p.data.to(torch.bfloat16)
+    teacher = Teacher(m.unet, trainable, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in teacher.params.values())
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.05)  # the student moves; the teacher must not
+    x = torch.randn(2, *m.latent_shape)
+    e = m.encode_text(["a red circle", ""])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's context: the teacher switches it off
+        got = teacher(x, 500, e)
+    with torch.no_grad():
+        want = by_hand(x.to(torch.bfloat16), 500, encoder_hidden_states=e.to(torch.bfloat16)).sample.float()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_teacher_precision_must_be_autocast_or_pure(tmp_path):
+    from erasure.errors import UserError
+    from erasure.trainer import train
+
+    cfg = compose_cfg(["model=tiny", "trainer.teacher_precision=half", "trainer.iterations=1", "trainer.preview_every=0"])
+    with pytest.raises(UserError, match="teacher_precision=half is not valid"):
+        train(cfg, tmp_path / "run")

@@ -81,3 +81,27 @@ def test_skipping_inactive_instruction_conditions_changes_nothing():
     finally:
         m.ctx.teacher = real
     assert calls["rows"] < plain  # and it really evaluated fewer UNet rows
+
+
+def test_esd_with_teacher_sampling_trains_the_same_delta_batched(tmp_path):
+    """ESD's esd_sd.py option (z_t sampled by the frozen base) batches its trajectories; train-esd.py's student
+    sampling cannot, and stays one at a time (the bank is not used)."""
+    from erasure.models import load_models
+    from erasure.trainer import Session, validate
+
+    deltas = {}
+    for n in (1, 4):
+        cfg = compose_cfg(["model=tiny", "concept=nudity", "method=esd", "method.sampler=teacher", "method.ddim_steps=6",
+                           "method.lr=1e-3", "method.adam_eps=1e-4", "trainer.iterations=4", "trainer.preview_every=0",
+                           f"trainer.teacher_batch={n}"])
+        train(cfg, tmp_path / f"esd{n}")
+        deltas[n] = read_delta(tmp_path / f"esd{n}")[0]
+    for name in deltas[1]:
+        torch.testing.assert_close(deltas[1][name], deltas[4][name], rtol=1e-4, atol=1e-5)
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=esd", "method.ddim_steps=6", "trainer.teacher_batch=4"])
+    models = load_models(cfg.model, "cpu")
+    named = dict(models.unet.named_parameters())
+    assert max((deltas[1][n] - named[n].detach()).abs().max().item() for n in deltas[1]) > 1e-3  # it trained
+    cls, mcfg = validate(cfg)
+    session = Session.create(cfg, models, cls, mcfg)
+    assert session.method.supports_teacher_bank is False and session.step_fn == session.method.training_step
