@@ -4,7 +4,7 @@
 # Steps, most important first; each has its own time limit so a slow step cannot eat the ones after it:
 #   1. ours, paper settings (T = 35, 3 instruction concepts, to_out), 200 iterations, teacher in pure bf16, with
 #      the one-at-a-time reference (10 iterations), an operator profile, the precision check and generation;
-#   2. the same 200 iterations with the autocast teacher (the other trainer.teacher_precision);
+#   2. 100 iterations with the autocast teacher (the other trainer.teacher_precision);
 #   3. ESD: its official student sampling (sequential), and the batched teacher-sampling option;
 #   4. ours with trainer.compile=true.
 set -uo pipefail
@@ -20,7 +20,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; date -u; $PY -c 'import torch; print(torch.__version__)') \
   > "$OUT/device.txt" 2>&1
 MODEL=${MODEL:-sd14-random}
-B="$PY -m erasure.bench --model $MODEL"
+B="$PY -m erasure.bench --model $MODEL --concept nudity"
 timeout 220 $B --methods ours --iterations 200 --teacher-batch 50 --reference-iterations 10 --generation-images 8 \
   --set trainer.teacher_precision=pure --precision-check --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/1_ours_pure.log"
 timeout 100 $B --methods ours --iterations 100 --teacher-batch 50 --reference-iterations 0 --skip-generation \
