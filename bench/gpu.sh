@@ -21,14 +21,14 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   > "$OUT/device.txt" 2>&1
 MODEL=${MODEL:-sd14-random}
 B="$PY -m erasure.bench --model $MODEL --concept nudity"
-timeout 220 $B --methods ours --iterations 200 --teacher-batch 50 --reference-iterations 10 --generation-images 8 \
+timeout 200 $B --methods ours --iterations 200 --teacher-batch 50 --reference-iterations 10 --generation-images 8 \
   --set trainer.teacher_precision=pure --precision-check --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/1_ours_pure.log"
-timeout 100 $B --methods ours --iterations 100 --teacher-batch 50 --reference-iterations 0 --skip-generation \
+timeout 95 $B --methods ours --iterations 100 --teacher-batch 50 --reference-iterations 0 --skip-generation \
   --set trainer.teacher_precision=autocast 2>&1 | tee "$OUT/2_ours_autocast.log"
-timeout 60 $B --methods esd --baseline-iterations 10 --reference-iterations 0 --skip-generation \
+timeout 55 $B --methods esd --baseline-iterations 10 --reference-iterations 0 --skip-generation \
   --set trainer.teacher_precision=pure 2>&1 | tee "$OUT/3_esd_student.log"
-timeout 70 $B --methods esd --baseline-iterations 50 --teacher-batch 50 --reference-iterations 0 --skip-generation \
+timeout 65 $B --methods esd --baseline-iterations 50 --teacher-batch 50 --reference-iterations 0 --skip-generation \
   --set trainer.teacher_precision=pure --set method.sampler=teacher 2>&1 | tee -a "$OUT/3_esd_student.log"
-timeout 110 $B --methods ours --iterations 100 --teacher-batch 50 --reference-iterations 0 --skip-generation \
+timeout 90 $B --methods ours --iterations 100 --teacher-batch 50 --reference-iterations 0 --skip-generation \
   --set trainer.teacher_precision=pure --set trainer.compile=true 2>&1 | tee "$OUT/4_ours_compile.log"
 grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl"

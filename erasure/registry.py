@@ -6,8 +6,11 @@ third-party package can add a method without touching this code.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
+import tomllib
+from pathlib import Path
 
 from .errors import UserError
 
@@ -35,8 +38,20 @@ def _load_entry_points() -> None:
     if _loaded:
         return
     _loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+    for ep in eps:
         ep.load()
+    if not eps:  # a source checkout that was never pip-installed (e.g. on a GPU box): the same table, from pyproject
+        for module in _pyproject_entry_points():
+            importlib.import_module(module)
+
+
+def _pyproject_entry_points() -> list[str]:
+    path = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if not path.is_file():
+        return []
+    table = tomllib.loads(path.read_text()).get("project", {}).get("entry-points", {})
+    return [str(v).split(":")[0] for v in table.get(ENTRY_POINT_GROUP, {}).values()]
 
 
 def available() -> list[str]:

@@ -102,3 +102,19 @@ def test_generate_on_a_folder_that_is_no_run_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="is not a run folder"):
         load_run(tmp_path, "cpu")
+
+
+def test_methods_are_found_in_a_checkout_that_was_never_installed(monkeypatch):
+    """No installed metadata (e.g. a GPU box running from a copy of the tree): the registry reads the same
+    entry-point table from pyproject.toml and imports those modules."""
+    import importlib.metadata
+    import sys
+
+    from erasure import registry
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    monkeypatch.setattr(registry, "_METHODS", {})
+    monkeypatch.setattr(registry, "_loaded", False)
+    for mod in ("erasure.ours", "baselines.esd", "baselines.sdd", "baselines.ablating", "baselines.fmn"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    assert registry.available() == ["ablating", "esd", "fmn", "ours", "sdd"]
