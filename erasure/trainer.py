@@ -135,6 +135,7 @@ class ProbeCurve:
         self.steps = {max(1, round(iterations * k / points)) for k in range(1, points + 1)}
         self.cfg, self.models, self.logger, self.session = cfg, models, logger, session
         self.seeds = int(cfg.trainer.get("probe_seeds") or 4)
+        self.cache: dict = {}  # the probe's own memory across points (e.g. the base model's images)
 
     def __call__(self, step: int, params: dict) -> None:
         if self.fn is None:
@@ -142,7 +143,8 @@ class ProbeCurve:
         if step == 0:
             self.path.unlink(missing_ok=True)
         with self.session.autocast():
-            point = self.fn(models=self.models, cfg=self.cfg, params=params, seeds=self.seeds)
+            point = self.fn(models=self.models, cfg=self.cfg, params=params, seeds=self.seeds,
+                            base_params=self.session.teacher.params, cache=self.cache)
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **point}) + "\n")
         self.logger.log({f"probe/{k}": v for k, v in point.items()}, step)

@@ -184,5 +184,9 @@ def test_training_records_the_erasure_curve_and_scales_the_lr(tmp_path):
     assert points[0]["concept_rate"] == summary["concept_rate_before"]
     assert points[0]["preserved_accuracy"] == summary["preserved_accuracy_before"]
     assert points[-1]["concept_rate"] == summary["concept_rate_after"]
+    # the frontier's SSIM to the base: 1 at iteration 0 (the base itself), and at the end the final probe's number
+    assert points[0]["ssim_preserved"] == pytest.approx(1.0) and points[0]["ssim_target"] == pytest.approx(1.0)
+    assert points[-1]["ssim_preserved"] == pytest.approx(summary["ssim_preserved"], abs=1e-6)
+    assert points[-1]["ssim_target"] == pytest.approx(summary["ssim_target"], abs=1e-6)
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert first["lr"] == pytest.approx(cfg.method.lr * cfg.model.lr_scale) and cfg.model.lr_scale == 100

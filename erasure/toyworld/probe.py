@@ -70,21 +70,24 @@ def measure(models, cfg, params, images_out: list | None = None, seeds: int | No
     return out
 
 
-def erasure_summary(models, cfg, base_params, erased_params) -> dict:
-    """``concept_rate_before``/``_after`` and ``preserved_accuracy_before``/``_after`` (+ colour, distributions)."""
+def _ssim_to_base(cfg, images, base_images, seeds: int) -> dict:
+    """SSIM of each image to the base model's image of the same prompt and seed (the paper's SSIM, with its 25/512
+    window fraction: 3x3 at 32x32), averaged on the preserved prompts and on the target prompts."""
     from eval.metrics import ssim_pairs, ssim_window
 
+    a, b = (x.permute(0, 2, 3, 1).numpy() for x in (images, base_images))  # N x H x W x 3 uint8
+    k = len(cfg.concept.probe.target_prompts) * seeds
+    values = ssim_pairs(a, b, ssim_window(b.shape[1]))
+    return {"ssim_preserved": float(values[k:].mean()), "ssim_target": float(values[:k].mean())}
+
+
+def erasure_summary(models, cfg, base_params, erased_params) -> dict:
+    """``concept_rate_before``/``_after`` and ``preserved_accuracy_before``/``_after`` (+ colour, distributions)."""
     images: list = []
     before, after = measure(models, cfg, base_params, images), measure(models, cfg, erased_params, images)
     summary = {f"{k}_before": v for k, v in before.items()}
     summary.update({f"{k}_after": v for k, v in after.items()})
-    # SSIM of each erased image to the base model's image of the same prompt and seed (the paper's SSIM, with
-    # its 25/512 window fraction: 3x3 at 32x32), on the preserved prompts and on the target prompts
-    base_img, erased_img = (x.permute(0, 2, 3, 1).numpy() for x in images)  # N x H x W x 3 uint8
-    k = len(cfg.concept.probe.target_prompts) * int(cfg.concept.probe.get("seeds", 12))
-    values = ssim_pairs(erased_img, base_img, ssim_window(base_img.shape[1]))
-    summary["ssim_preserved"] = float(values[k:].mean())
-    summary["ssim_target"] = float(values[:k].mean())
+    summary.update(_ssim_to_base(cfg, images[1], images[0], int(cfg.concept.probe.get("seeds", 12))))
     concept = cfg.concept.probe.concept
     log.info("toy-world probe (%s): rate of '%s' on target prompts %.3f -> %.3f; shape accuracy on other prompts "
              "%.3f -> %.3f; colour accuracy %.3f -> %.3f; target prompts now show %s", cfg.concept.name, concept,
@@ -96,7 +99,18 @@ def erasure_summary(models, cfg, base_params, erased_params) -> dict:
     return summary
 
 
-def curve_point(models, cfg, params, seeds: int) -> dict:
-    """One point of the erasure curve (``trainer.probe_points``): concept rate and preserved accuracies."""
-    out = measure(models, cfg, params, seeds=seeds)
-    return {k: v for k, v in out.items() if isinstance(v, float)}
+def curve_point(models, cfg, params, seeds: int, base_params=None, cache: dict | None = None) -> dict:
+    """One point of the erasure curve (``trainer.probe_points``): concept rate and preserved accuracies, and with
+    ``base_params`` the SSIM to the base model's images (generated once and kept in ``cache``): with the concept
+    rate, one point of the method's erasure-vs-preservation frontier."""
+    images: list = []
+    out = measure(models, cfg, params, images, seeds=seeds)
+    point = {k: v for k, v in out.items() if isinstance(v, float)}
+    if base_params is not None:
+        cache = {} if cache is None else cache
+        if "base_images" not in cache:
+            base: list = []
+            measure(models, cfg, base_params, base, seeds=seeds)
+            cache["base_images"] = base[0]
+        point.update(_ssim_to_base(cfg, images[0], cache["base_images"], seeds))
+    return point
