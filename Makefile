@@ -71,6 +71,21 @@ table1-smoke: install ## the Table-1 pipeline at tiny sizes (2 iterations, 8 pro
 	  'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) $(SMOKE_SIZES) $(TABLE1_ARGS)
 # ---- end of Table 1
 
+# ---- Evidence (issue 9): Table 1 over seeds, the lambda sweep over seeds, every method's frontier -> outputs/results/
+# Resumable: rerun the same command after an interruption and only what is missing is computed.
+# On SD v1.4 (users' GPUs): make results MODEL=sd14 CONCEPT=nudity SUITE=sd14 RESULTS_ARGS="jobs=1 <the COCO/CLIP paths of table1>"
+RESULTS_ARGS ?=
+RESULTS_SMOKE_OUT ?= outputs/results-smoke
+.PHONY: results results-smoke
+results: install ## Table 1 x 3 seeds, ours' lambda sweep x 3 seeds, frontiers -> outputs/results/results.md (hours on CPU; resumable)
+	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.results model=$(MODEL) concept=$(CONCEPT) suite=$(SUITE) $(RESULTS_ARGS)
+
+results-smoke: install ## the results pipeline at tiny sizes (2 methods, 2 seeds, 2 lambdas, 2 iterations) -> $(RESULTS_SMOKE_OUT)
+	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.results model=$(SMOKE_MODEL) concept=$(SMOKE_CONCEPT) suite=$(SMOKE_MODEL) \
+	  out=$(RESULTS_SMOKE_OUT) 'methods=[ours,fmn]' 'seeds=[0,1]' 'lambdas=[0,5]' probe_points=1 probe_seeds=1 \
+	  'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) $(SMOKE_SIZES) $(RESULTS_ARGS)
+# ---- end of results
+
 # ---- lambda sweep and figures (issue 8)
 LAMBDAS ?= 0,0.5,1,1.5,5
 SWEEP_DIR ?= outputs/sweeps/lambda-$(MODEL)-$(CONCEPT)

@@ -241,10 +241,20 @@ def log_wandb(result: dict, folder: Path, png: Path | None) -> None:
     run.finish()
 
 
+def write_summary(folder: Path, result: dict, x: str | None = None) -> tuple[str, Path | None]:
+    """sweep.{json,csv,md} and sweep.png into ``folder``; returns the markdown and the plot's path."""
+    from erasure.trainer import write_text_atomic
+
+    write_text_atomic(folder / "sweep.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_text_atomic(folder / "sweep.csv", to_csv(result))
+    md = to_markdown(result)
+    write_text_atomic(folder / "sweep.md", md)
+    return md, plot(result, folder / "sweep.png", x)
+
+
 def main(argv: list[str]) -> dict:
     from erasure.cli import setup_logging
     from erasure.errors import exit_on_user_error
-    from erasure.trainer import write_text_atomic
 
     @exit_on_user_error
     def body():
@@ -260,11 +270,7 @@ def main(argv: list[str]) -> dict:
         flag = lambda k: str(options.pop(k, "false")).lower() in ("1", "true", "yes")  # noqa: E731
         evaluate, use_wandb, x = flag("evaluate"), flag("wandb"), options.pop("x", None)
         result = summarise(folder, evaluate, [f"{k}={v}" for k, v in options.items()])
-        write_text_atomic(folder / "sweep.json", json.dumps(result, indent=2, default=str) + "\n")
-        write_text_atomic(folder / "sweep.csv", to_csv(result))
-        md = to_markdown(result)
-        write_text_atomic(folder / "sweep.md", md)
-        png = plot(result, folder / "sweep.png", x)
+        md, png = write_summary(folder, result, x)
         if use_wandb:
             log_wandb(result, folder, png)
         print(md, end="", flush=True)

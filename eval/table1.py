@@ -8,7 +8,9 @@ shared), and write the report (:mod:`eval.report`). ``make table1`` / ``make tab
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,55 +72,72 @@ def train_command(method: str, cfg: DictConfig, run_dir: Path) -> list[str]:
             f"hydra.run.dir={run_dir}", *train_overrides(cfg, method)]
 
 
-def train_methods(methods: list[str], cfg: DictConfig, out: Path) -> tuple[dict, dict]:
-    """Train the methods that have no finished run, ``cfg.jobs`` subprocesses at a time.
+@dataclasses.dataclass
+class TrainJob:
+    """One ``erasure.train`` subprocess: its name (logs, failures), run folder, command and expected length."""
 
-    Returns ({method: seconds}, {method: error}). Each job's output goes to <run>/train_stdout.log.
+    name: str
+    run_dir: Path
+    command: list[str]
+    iterations: int = 0
+
+
+def needs_training(job: TrainJob, reuse: bool, base: Callable[[], str]) -> bool:
+    """False when the run folder holds a finished run of the current base model (``reuse``)."""
+    if not (reuse and finished(job.run_dir)):
+        return True
+    trained_on = json.loads((job.run_dir / "summary.json").read_text()).get("base_fingerprint")
+    if trained_on == base():
+        log.info("reusing the finished run %s", job.run_dir)
+        return False
+    log.warning("run %s was trained on base %s, the current base is %s: training it again", job.run_dir, trained_on,
+                base())
+    return True
+
+
+def run_training(jobs: list[TrainJob], n_jobs: int, reuse: bool, base: Callable[[], str]) -> tuple[dict, dict]:
+    """Train the jobs that have no finished run, ``n_jobs`` subprocesses at a time, longest first (so parallel jobs
+    end close together). Returns ({name: seconds}, {name: error}); each job's output goes to <run>/train_stdout.log.
     """
-    todo = []
-    base = None
-    for m in methods:
-        run_dir = out / "runs" / m
-        if cfg.reuse and finished(run_dir):
-            base = base or base_fingerprint(cfg)
-            trained_on = json.loads((run_dir / "summary.json").read_text()).get("base_fingerprint")
-            if trained_on == base:
-                log.info("reusing the finished run %s", run_dir)
-                continue
-            log.warning("run %s was trained on base %s, the current base is %s: training it again", run_dir,
-                        trained_on, base)
-        todo.append(m)
-    jobs = max(1, int(cfg.get("jobs") or 1))
-    if jobs > 1:  # longest first (by the method's configured iterations), so parallel jobs end close together
-        todo.sort(key=lambda m: -_configured_iterations(m))
+    todo = sorted((j for j in jobs if needs_training(j, reuse, base)), key=lambda j: -j.iterations if n_jobs > 1 else 0)
     running: dict[str, tuple] = {}
     timings, failed = {}, {}
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    total = len(todo)
     while todo or running:
-        while todo and len(running) < jobs:
-            m = todo.pop(0)
-            run_dir = out / "runs" / m
-            run_dir.mkdir(parents=True, exist_ok=True)
-            args = train_command(m, cfg, run_dir)
-            log.info("training %s: %s", m, " ".join(args[1:]))
-            logf = open(run_dir / "train_stdout.log", "w")
-            running[m] = (subprocess.Popen(args, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT),
-                          logf, time.perf_counter(), run_dir)
+        while todo and len(running) < n_jobs:
+            job = todo.pop(0)
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            log.info("training %s (%d/%d): %s", job.name, total - len(todo), total, " ".join(job.command[1:]))
+            logf = open(job.run_dir / "train_stdout.log", "w")
+            running[job.name] = (subprocess.Popen(job.command, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT),
+                                 logf, time.perf_counter(), job.run_dir)
         time.sleep(0.5)
-        for m, (proc, logf, t0, run_dir) in list(running.items()):
+        for name, (proc, logf, t0, run_dir) in list(running.items()):
             if proc.poll() is None:
                 continue
             logf.close()
-            del running[m]
+            del running[name]
             if proc.returncode != 0 or not finished(run_dir):
                 lines = (run_dir / "train_stdout.log").read_text().strip().splitlines()
-                failed[m] = (f"training '{m}' failed (exit {proc.returncode}): {' | '.join(lines[-2:])} "
-                             f"(full log: {run_dir}/train_stdout.log)")
-                log.error("%s", failed[m])
+                failed[name] = (f"training '{name}' failed (exit {proc.returncode}): {' | '.join(lines[-2:])} "
+                                f"(full log: {run_dir}/train_stdout.log)")
+                log.error("%s", failed[name])
             else:
-                timings[m] = round(time.perf_counter() - t0, 1)
-                log.info("trained %s in %.0f s", m, timings[m])
+                timings[name] = round(time.perf_counter() - t0, 1)
+                log.info("trained %s in %.0f s", name, timings[name])
     return timings, failed
+
+
+def method_jobs(methods: list[str], cfg: DictConfig, out: Path, tag: str = "") -> list[TrainJob]:
+    return [TrainJob(m + tag, out / "runs" / m, train_command(m, cfg, out / "runs" / m), _configured_iterations(m))
+            for m in methods]
+
+
+def train_methods(methods: list[str], cfg: DictConfig, out: Path) -> tuple[dict, dict]:
+    """Train the methods that have no finished run in <out>/runs/<method>, ``cfg.jobs`` at a time."""
+    return run_training(method_jobs(methods, cfg, out), max(1, int(cfg.get("jobs") or 1)), bool(cfg.reuse),
+                        functools.cache(lambda: base_fingerprint(cfg)))
 
 
 def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path) -> DictConfig:
