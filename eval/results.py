@@ -35,9 +35,9 @@ from . import sweep as sweep_mod
 from .prompts import resolve_path
 from .metrics import available_metrics, get_metric
 from .report import fmt_value, header, load_records
-from .run import compose_eval_cfg
+from .run import compose_eval_cfg, evaluate_system
 from .table1 import (TrainJob, _configured_iterations, _overrides, base_fingerprint, method_jobs, run_training,
-                     table1, train_overrides)
+                     system_cfg, table1, train_overrides)
 
 log = logging.getLogger("eval.results")
 FRONTIER_KEYS = ("concept_rate", "ssim_preserved", "preserved_accuracy", "ssim_target")
@@ -206,6 +206,20 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------------ driver
+def evaluate_lambda_runs(cfg: DictConfig) -> bool:
+    """``lambda_evaluate``: true/false, or null = only where the model has no probe of its own (the toy world's
+    detector probe already measures every run's concept rate and SSIM to the base model)."""
+    if cfg.get("lambda_evaluate") is not None:
+        return bool(cfg.lambda_evaluate)
+    from hydra import compose, initialize_config_dir
+
+    from .prompts import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model = compose(config_name="train", overrides=[f"model={cfg.model}"]).model
+    return not model.get("probe")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -259,6 +273,11 @@ def results(cfg: DictConfig) -> dict:
     write_text_atomic(out / "table1.json", json.dumps(table, indent=2) + "\n")
     sweep = None
     if cfg.lambdas and sweep_mod.find_runs(out / "lambda"):
+        if evaluate_lambda_runs(cfg):  # models without a probe (SD v1.4): the suite measures every λ run
+            t0 = time.perf_counter()
+            for run in sweep_mod.find_runs(out / "lambda"):
+                evaluate_system(system_cfg(cfg, "run", run, run))
+            timings["lambda_evaluation_s"] = round(time.perf_counter() - t0, 1)
         sweep = sweep_mod.summarise(out / "lambda")
         sweep_mod.write_summary(out / "lambda", sweep, x="lambda")
     rows = frontier({s: resolve_path(c.out) / "runs" for s, c in seed_cfgs.items()}, methods)
