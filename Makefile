@@ -80,9 +80,9 @@ RESULTS_SMOKE_OUT ?= outputs/results-smoke
 results: install ## Table 1 x 3 seeds, ours' lambda sweep x 3 seeds, frontiers -> outputs/results/results.md (hours on CPU; resumable)
 	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.results model=$(MODEL) concept=$(CONCEPT) suite=$(SUITE) $(RESULTS_ARGS)
 
-results-smoke: install ## the results pipeline at tiny sizes (2 methods, 2 seeds, 2 lambdas, 2 iterations) -> $(RESULTS_SMOKE_OUT)
+results-smoke: install ## the results pipeline at tiny sizes (ours, 2 seeds, 2 lambdas, 2 iterations) -> $(RESULTS_SMOKE_OUT)
 	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.results model=$(SMOKE_MODEL) concept=$(SMOKE_CONCEPT) suite=$(SMOKE_MODEL) \
-	  out=$(RESULTS_SMOKE_OUT) 'methods=[ours,fmn]' 'seeds=[0,1]' 'lambdas=[0,5]' probe_points=1 probe_seeds=1 \
+	  out=$(RESULTS_SMOKE_OUT) 'methods=[ours]' 'seeds=[0,1]' 'lambdas=[0,5]' probe_points=1 probe_seeds=1 \
 	  'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) $(SMOKE_SIZES) $(RESULTS_ARGS)
 # ---- end of results
 
