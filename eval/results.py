@@ -32,6 +32,7 @@ from erasure.delta import write_text_atomic
 from erasure.errors import UserError, exit_on_user_error
 
 from . import sweep as sweep_mod
+from .sweep import mean_std
 from .prompts import resolve_path
 from .metrics import available_metrics, get_metric
 from .report import fmt_value, header, load_records
@@ -65,10 +66,6 @@ def lambda_jobs(cfg: DictConfig, out: Path) -> list[TrainJob]:
     return jobs
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return sweep_mod._mean_std(values)
-
-
 # ------------------------------------------------------------------------------------------- Table 1 over seeds
 def aggregate_table(per_seed: dict[int, list[dict]]) -> dict:
     """{system: {metric: (mean, std, n)}} over the seeds' eval records, in the order of the first seed's table."""
@@ -83,7 +80,7 @@ def aggregate_table(per_seed: dict[int, list[dict]]) -> dict:
                     values.setdefault(r["system"], {}).setdefault(m, []).append(float(v))
     present = {m for per in values.values() for m in per}
     columns = [m for m in available_metrics() if m in present]
-    rows = [dict(system=s, kind=k, values={m: (*_mean_std(values[s][m]), len(values[s][m]))
+    rows = [dict(system=s, kind=k, values={m: (*mean_std(values[s][m]), len(values[s][m]))
                                              for m in columns if m in values.get(s, {})}) for s, k in order]
     return dict(columns=columns, rows=rows, seeds=sorted(per_seed))
 
@@ -142,7 +139,7 @@ def frontier(runs_by_seed: dict[int, Path], methods: list[str]) -> list[dict]:
             for k in FRONTIER_KEYS:
                 vals = [float(p[k]) for p in points if k in p]
                 if vals:
-                    row[k], row[f"{k}_std"] = _mean_std(vals)
+                    row[k], row[f"{k}_std"] = mean_std(vals)
             rows.append(row)
     return rows
 

@@ -94,7 +94,8 @@ def run_numbers(run: Path) -> dict:
     return out
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single value)."""
     m = sum(values) / len(values)
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
 
@@ -125,7 +126,7 @@ def summarise(folder: Path, evaluate: bool = False, eval_overrides: list[str] | 
         for m in metric_names:
             vals = [numbers[i][m] for i in idx if m in numbers[i]]
             if vals:
-                row[m], row[f"{m}_std"] = _mean_std(vals)
+                row[m], row[f"{m}_std"] = mean_std(vals)
         rows.append(row)
     return {"folder": str(folder), "varied": settings, "replicates": [k for k in keys if k in REPLICATE_KEYS],
             "metrics": metric_names, "rows": rows}
