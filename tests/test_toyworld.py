@@ -39,7 +39,7 @@ def test_renders_show_their_labels():
             centre = img[int(scene.cy), int(scene.cx)]
             assert np.abs(centre - np.array(world.RGB[color])).max() <= 13, (shape, color, centre)
             assert np.abs(img[0, 0] - 128).max() <= 2 or np.abs(img[-1, -1] - 128).max() <= 2  # a background corner
-    # a circle covers about pi r^2 of the image, an oval about half of that (aspect ratio 1.9)
+    # a circle covers about pi r^2 of the image, an oval 1/OVAL_ASPECT of that (its short axis is r / OVAL_ASPECT)
     area = {}
     for shape in ("circle", "oval"):
         scene = world.Scene(shape, "red", "white", 0.6, 16.0, 16.0, 0.0, (0, 0, 0))
@@ -47,7 +47,7 @@ def test_renders_show_their_labels():
         area[shape] = float((np.abs(img - np.array(world.RGB["white"])).sum(-1) > 100).sum())
     r = 0.6 * 32 / 2
     assert abs(area["circle"] - np.pi * r * r) < 0.08 * np.pi * r * r
-    assert 1.6 < area["circle"] / area["oval"] < 2.2
+    assert abs(area["circle"] / area["oval"] - world.OVAL_ASPECT) < 0.25 and world.OVAL_ASPECT == 2.4
 
 
 def test_captions_state_true_facts():

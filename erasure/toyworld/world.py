@@ -5,7 +5,7 @@ held-out test set is reproduced exactly from its seed.
 
 Design (issue 3, "the world"): the object to erase in the default concept is the *circle*. It shares
 every colour and background with the shapes that must survive (squares, triangles, ...), and it has a
-*nearby* shape, the oval (an ellipse with aspect ratio about 1.9), so that drift towards a look-alike
+*nearby* shape, the oval (an axis-aligned ellipse with aspect ratio 2.4), so that drift towards a look-alike
 can be seen. Captions use synonyms ("disc", "round shape"), sizes and backgrounds, which give the
 paper's instruction concepts an analogue: a related word to steer away from ("round", as the paper
 steers away from "sexual") and alternatives to steer towards ("square", "triangle", as the paper's
@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 SIZE = 32  # image side in pixels
 _SS = 4  # super-sampling factor of the renderer (anti-aliased edges)
 
+OVAL_ASPECT = 2.4  # long axis / short axis (v2 used 1.9 with tilts; its ovals came out as diamonds)
 SHAPES = ("circle", "oval", "square", "triangle", "diamond", "cross")
 COLORS = ("red", "green", "blue", "yellow", "purple")
 BACKGROUNDS = ("white", "black", "gray")
@@ -73,8 +74,8 @@ def sample_scene(rng: np.random.Generator, shape: str | None = None, color: str 
     extent = float(rng.uniform(0.45, 0.75))
     margin = extent * SIZE / 2 + 1
     cx, cy = (float(rng.uniform(margin, SIZE - margin)) for _ in range(2))
-    if shape == "oval":  # horizontal or vertical, give or take 20 degrees
-        angle = float(rng.choice([0.0, 90.0]) + rng.uniform(-20, 20))
+    if shape == "oval":  # horizontal or vertical: tilted ovals were read as diamonds by the v2 model
+        angle = float(rng.choice([0.0, 90.0]))
     elif shape == "circle":
         angle = 0.0
     else:  # small tilts only: a square tilted by 45 degrees would be a diamond
@@ -88,7 +89,7 @@ def _outline(scene: Scene) -> list[tuple[float, float]]:
     r = scene.extent * SIZE * _SS / 2
     s = scene.shape
     if s in ("circle", "oval"):
-        ry = r if s == "circle" else r / 1.9
+        ry = r if s == "circle" else r / OVAL_ASPECT
         pts = [(r * math.cos(a), ry * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 64, endpoint=False)]
     elif s == "square":
         h = r * 0.82
