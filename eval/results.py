@@ -36,9 +36,9 @@ from .sweep import mean_std
 from .prompts import resolve_path
 from .metrics import available_metrics, get_metric
 from .report import fmt_value, header, load_records
-from .run import compose_eval_cfg, evaluate_system
-from .table1 import (TrainJob, _configured_iterations, _overrides, base_fingerprint, method_jobs, run_training,
-                     system_cfg, table1, train_overrides)
+from .run import evaluate_system
+from .table1 import (TrainJob, _configured_iterations, _overrides, base_fingerprint, chosen_methods, cli, method_jobs,
+                     run_training, system_cfg, table1, train_overrides)
 
 log = logging.getLogger("eval.results")
 FRONTIER_KEYS = ("concept_rate", "ssim_preserved", "preserved_accuracy", "ssim_target")
@@ -228,14 +228,9 @@ def machine() -> str:
 
 
 def results(cfg: DictConfig) -> dict:
-    from erasure import registry
-
     start = time.perf_counter()
     out = resolve_path(cfg.out)
-    methods = list(cfg.methods) if cfg.methods else registry.available()
-    unknown = [m for m in methods if m not in registry.available()]
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(registry.available())}")
+    methods = chosen_methods(cfg)
     seeds = [int(s) for s in cfg.seeds]
     if not seeds:
         raise UserError("seeds is empty: give at least one training seed, e.g. seeds=[0,1,2]")
@@ -306,12 +301,7 @@ def results(cfg: DictConfig) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str]) -> dict:
-    from erasure.cli import check_group_overrides, setup_logging
-
-    setup_logging()
-    cfg = compose_eval_cfg(argv, config_name="results")
-    check_group_overrides([f"model={cfg.model}", f"concept={cfg.concept}"])
-    return results(cfg)
+    return cli(argv, "results", results)
 
 
 if __name__ == "__main__":

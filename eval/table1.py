@@ -140,6 +140,27 @@ def train_methods(methods: list[str], cfg: DictConfig, out: Path) -> tuple[dict,
                         functools.cache(lambda: base_fingerprint(cfg)))
 
 
+def chosen_methods(cfg: DictConfig) -> list[str]:
+    """``methods`` (null = every registered method), each checked against the registry."""
+    from erasure import registry
+
+    methods = list(cfg.methods) if cfg.methods else registry.available()
+    unknown = [m for m in methods if m not in registry.available()]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(registry.available())}")
+    return methods
+
+
+def cli(argv: list[str], config_name: str, fn):
+    """The eval drivers' entry: compose ``conf/eval/<config_name>.yaml``, check the model/concept groups, run ``fn``."""
+    from erasure.cli import check_group_overrides, setup_logging
+
+    setup_logging()
+    cfg = compose_eval_cfg(argv, config_name=config_name)
+    check_group_overrides([f"model={cfg.model}", f"concept={cfg.concept}"])
+    return fn(cfg)
+
+
 def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path) -> DictConfig:
     """An eval.run config for one system that shares the table's suite (and its overrides)."""
     return OmegaConf.create(dict(run=str(run) if run else None, system=system, out=str(out), name=None,
@@ -148,14 +169,9 @@ def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path) -> Dic
 
 
 def table1(cfg: DictConfig) -> dict:
-    from erasure import registry
-
     start = time.perf_counter()
     out = resolve_path(cfg.out)
-    methods = list(cfg.methods) if cfg.methods else registry.available()
-    unknown = [m for m in methods if m not in registry.available()]
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(registry.available())}")
+    methods = chosen_methods(cfg)
     train_times, failed = train_methods(methods, cfg, out)
     timings = {f"train/{m}": t for m, t in train_times.items()}
     runs = [out / "runs" / m for m in methods if m not in failed]
@@ -186,12 +202,7 @@ def table1(cfg: DictConfig) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str]) -> dict:
-    from erasure.cli import check_group_overrides, setup_logging
-
-    setup_logging()
-    cfg = compose_eval_cfg(argv, config_name="table1")
-    check_group_overrides([f"model={cfg.model}", f"concept={cfg.concept}"])
-    return table1(cfg)
+    return cli(argv, "table1", table1)
 
 
 if __name__ == "__main__":
