@@ -10,9 +10,13 @@ caption JSON such as captions_val2014.json, first caption per file name), and op
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,8 @@ from erasure.errors import UserError
 from erasure.images import save_png
 
 from .prompts import resolve_path
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -56,7 +62,6 @@ def reference_captions(spec, files: list[Path]) -> list[str] | None:
         with open(path, newline="", encoding="utf-8") as f:
             by_file = {r["file"]: r["prompt"] for r in csv.DictReader(f)}
     elif spec.get("annotations"):
-        import contextlib
         import io
 
         from pycocotools.coco import COCO
@@ -77,17 +82,32 @@ def reference_captions(spec, files: list[Path]) -> list[str] | None:
 
 
 def _write_folder(folder: Path, images: list[Image.Image], captions: list[str], seeds: list[int]) -> None:
-    tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    with open(tmp / "captions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["case_number", "file", "prompt", "evaluation_seed"])
-        for i, (im, cap, seed) in enumerate(zip(images, captions, seeds)):
-            save_png(im, tmp / f"{i:06d}.png")
-            w.writerow([i, f"{i:06d}.png", cap, seed])
-    if folder.exists() and not any(folder.iterdir()):
-        folder.rmdir()
-    os.replace(tmp, folder)
+    """Write the folder under a private temporary name, then move it into place in one step.
+
+    Several processes (e.g. the ranks of ``accelerate launch``) may build the same reference at once: each writes
+    its own temporary folder, the first move wins, and the others drop theirs (the content is a pure function of
+    the build arguments, so every copy is the same)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".partial", dir=folder.parent))
+    try:
+        with open(tmp / "captions.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["case_number", "file", "prompt", "evaluation_seed"])
+            for i, (im, cap, seed) in enumerate(zip(images, captions, seeds)):
+                save_png(im, tmp / f"{i:06d}.png")
+                w.writerow([i, f"{i:06d}.png", cap, seed])
+        if folder.is_dir() and not any(folder.iterdir()):
+            with contextlib.suppress(OSError):  # another process may have removed or filled it meanwhile
+                folder.rmdir()
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder.is_dir() and any(folder.iterdir())):
+                raise
+            log.info("reference folder %s was built by another process meanwhile; using that one", folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def toyworld_renders(folder: str | Path, n: int = 500, seed: int = 12345) -> Path:

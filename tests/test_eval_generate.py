@@ -152,3 +152,22 @@ def test_sharded_generation_matches_one_process(runs, tmp_path):
     assert len(a) == n and [p.name for p in a] == [p.name for p in b]
     for p, q in zip(a, b):
         assert p.read_bytes() == q.read_bytes(), p.name
+
+
+def test_reference_built_by_several_processes_at_once_is_one_complete_folder(tmp_path):
+    """The ranks of a launch may build the same reference together: every builder succeeds, the folder holds one
+    complete copy, and no temporary folder is left behind (the failure CI once hit: 'Directory not empty')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eval.reference import skimage_photos
+
+    folder = tmp_path / "reference" / "skimage-8"
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: skimage_photos(folder, n=8, side=16), range(4)))
+    skimage_photos(folder, n=8, side=16)  # once more over a finished folder: still fine
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["skimage-8"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["captions.csv"] + [f"{i:06d}.png" for i in range(8)])
+    lone = tmp_path / "lone"
+    skimage_photos(lone, n=8, side=16)
+    for p in folder.iterdir():
+        assert p.read_bytes() == (lone / p.name).read_bytes(), p.name
