@@ -61,6 +61,7 @@ def time_training(models, base_state, overrides: list[str], iterations: int, pro
     if models.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     session = Session.create(cfg, models, cls, mcfg)
+    account = _TeacherAccount(session) if models.device.type == "cpu" else None  # GPU: no per-call syncs
     _sync(models.device)
     prof = _profiler(models.device) if profile else contextlib.nullcontext()
     start = time.perf_counter()
@@ -76,9 +77,39 @@ def time_training(models, base_state, overrides: list[str], iterations: int, pro
         log.info("profile of %d iterations written to %s", iterations, profile)
     out = dict(s_per_it=elapsed / iterations, seconds=elapsed, setup_s=session.setup_time,
                batched=isinstance(session.step_fn, TeacherBank), peak_rss_mb=peak_rss_mb())
+    if account is not None:
+        account.restore()
+        out.update(teacher_s_per_it=account.seconds / iterations, teacher_rows_per_it=account.rows / iterations)
     if models.device.type == "cuda":
         out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+class _TeacherAccount:
+    """Counts the frozen teacher's UNet rows and the seconds spent in its calls during a timed session (CPU only:
+    on a GPU, timing each call would need a synchronisation that changes what is measured).
+
+    The teacher's work is what batching can make cheaper; the rest of an iteration (the student's forward and
+    backward, the optimizer) is the same in both modes. So ``s/it reference / (s/it optimized - teacher s/it
+    optimized)`` is the most any batching of the teacher could give: the ceiling printed beside the speed-up."""
+
+    def __init__(self, session):
+        self.ctx, self.real = session.method.ctx, session.method.ctx.teacher
+        self.rows, self.seconds = 0, 0.0
+        self.ctx.teacher = self
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        start = time.perf_counter()
+        out = self.real(sample, timestep, encoder_hidden_states)
+        self.seconds += time.perf_counter() - start
+        self.rows += int(sample.shape[0])
+        return out
+
+    def __getattr__(self, name):  # params, numel, ... of the real teacher
+        return getattr(self.real, name)
+
+    def restore(self) -> None:
+        self.ctx.teacher = self.real
 
 
 @torch.no_grad()
@@ -196,6 +227,14 @@ def main(argv: list[str]) -> dict:
                              peak_mem_mb=round(max(ref["peak_rss_mb"], opt["peak_rss_mb"]), 1))
         if "peak_vram_mb" in opt:
             results[name]["peak_vram_mb"] = round(opt["peak_vram_mb"], 1)
+        if "teacher_s_per_it" in opt:
+            rest = opt["s_per_it"] - opt["teacher_s_per_it"]  # what no batching of the teacher can remove
+            results[name].update(teacher_s_per_it_optimized=round(opt["teacher_s_per_it"], 5),
+                                 teacher_rows_per_it_optimized=round(opt["teacher_rows_per_it"], 2),
+                                 ceiling=round(ref["s_per_it"] / rest, 2) if ref_n > 0 and rest > 0 else None)
+            if ref_n > 0:
+                results[name].update(teacher_s_per_it_reference=round(ref["teacher_s_per_it"], 5),
+                                     teacher_rows_per_it_reference=round(ref["teacher_rows_per_it"], 2))
         rows.append(name)
         log.info("%s: %s", name, results[name])
     models.unet.to(torch.float32)
@@ -206,12 +245,19 @@ def main(argv: list[str]) -> dict:
     gen = None if args.skip_generation else time_generation(models, gen_n, batch=8, steps=int(cfg0.model.sample_steps))
     device = torch.cuda.get_device_name() if models.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     lines = [f"model={model}  device={device}  torch={torch.__version__}  overrides={args.set or 'none'}",
-             f"{'method':<10}{'its':>5}{'batch':>6}{'s/it ref':>11}{'s/it opt':>11}{'it/s opt':>10}{'speed-up':>10}{'peak MB':>10}"]
+             f"{'method':<10}{'its':>5}{'batch':>6}{'s/it ref':>11}{'s/it opt':>11}{'it/s opt':>10}{'speed-up':>10}"
+             f"{'teacher rows/it':>16}{'teacher s/it ref|opt':>22}{'ceiling':>9}{'peak MB':>10}"]
+    nan = float("nan")
     for name in rows:
         r = results[name]
         lines.append(f"{name:<10}{r['iterations']:>5}{r['teacher_batch'] if r['batched'] else 1:>6}{r['s_per_it_reference']:>11.4f}"
-                     f"{r['s_per_it_optimized']:>11.4f}{r['it_per_s_optimized']:>10.2f}{r['speedup'] or float('nan'):>9.2f}x"
-                     f"{r.get('peak_vram_mb', r['peak_mem_mb']):>10.0f}")
+                     f"{r['s_per_it_optimized']:>11.4f}{r['it_per_s_optimized']:>10.2f}{r['speedup'] or nan:>9.2f}x"
+                     f"{r.get('teacher_rows_per_it_optimized', nan):>16.1f}"
+                     f"{r.get('teacher_s_per_it_reference', nan):>11.4f} |{r.get('teacher_s_per_it_optimized', nan):>8.4f}"
+                     f"{r.get('ceiling') or nan:>8.2f}x{r.get('peak_vram_mb', r['peak_mem_mb']):>10.0f}")
+    if any("ceiling" in results[n] for n in rows):
+        lines.append("ceiling: the speed-up if the teacher's work cost nothing (s/it ref / (s/it opt - teacher s/it opt)); "
+                     "the student's forward/backward and the optimizer run once per iteration in both modes")
     if gen:
         lines.append(f"generation: {gen['batched_images_per_s']:.2f} img/s batched (batch {gen['batch']}) vs "
                      f"{gen['plain_images_per_s']:.2f} img/s plain pipeline, one image per call ({gen['ratio']:.2f}x)")

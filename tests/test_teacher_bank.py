@@ -1,4 +1,5 @@
 """trainer.teacher_batch=n (teacher work in bulk) against the one-at-a-time reference (teacher_batch=1)."""
+import pytest
 import torch
 
 from erasure.delta import read_delta
@@ -105,3 +106,27 @@ def test_esd_with_teacher_sampling_trains_the_same_delta_batched(tmp_path):
     cls, mcfg = validate(cfg)
     session = Session.create(cfg, models, cls, mcfg)
     assert session.method.supports_teacher_bank is False and session.step_fn == session.method.training_step
+
+
+def test_bench_prints_the_table_and_json_with_the_teacher_accounting(capsys):
+    """`python -m erasure.bench` on the tiny model: one JSON line keyed by method with the issue's fields; both modes
+    evaluate the same teacher rows per iteration (the bank batches the work, it does not change it); the ceiling is
+    the reference's s/it over what the optimized mode spends outside the teacher."""
+    import json
+
+    from erasure import bench
+
+    out = bench.main(["--model", "tiny", "--methods", "ours,fmn", "--iterations", "4", "--baseline-iterations", "2",
+                      "--skip-generation", "--concept", "nudity"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == json.loads(json.dumps(out))
+    assert any("ceiling" in line for line in printed[:-1])
+    ours = out["ours"]
+    for key in ("s_per_it_reference", "s_per_it_optimized", "speedup", "peak_mem_mb"):
+        assert ours[key] > 0, key
+    assert ours["batched"] and ours["teacher_batch"] == 4
+    assert ours["teacher_rows_per_it_reference"] == ours["teacher_rows_per_it_optimized"] > 0
+    rest = ours["s_per_it_optimized"] - ours["teacher_s_per_it_optimized"]
+    assert ours["ceiling"] == pytest.approx(ours["s_per_it_reference"] / rest, rel=0.02)
+    assert 0 < ours["teacher_s_per_it_optimized"] < ours["s_per_it_optimized"]
+    assert out["fmn"]["teacher_rows_per_it_optimized"] == 0 and not out["fmn"]["batched"]  # FMN never asks the teacher
