@@ -7,7 +7,7 @@
    (``<out>/table1/seed<s>/runs/<method>``, with its erasure curve: ``trainer.probe_points``), and the λ sweep of
    ``lambda_method`` for every seed (``<out>/lambda/lambda<λ>_seed<s>``);
 2. each seed's Table 1 with the evaluation suite (:func:`eval.table1.table1`; same prompts and seeds for every
-   method and seed);
+   method and seed), ``jobs`` seeds at a time in worker processes;
 3. the summaries in ``<out>``: ``table1.{md,csv,json}`` (mean ± std over seeds), ``lambda/sweep.*``
    (:mod:`eval.sweep`), ``frontier.{png,csv,json}`` (each method's concept rate against SSIM to the base model at
    its erasure curve's iterations, seeds as error bars) and ``results.md`` (all of it, with date and machine).
@@ -227,6 +227,34 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
+def _seed_table(container: dict) -> float:
+    """One seed's Table 1 in a worker process; returns its wall time in seconds."""
+    from erasure.cli import setup_logging
+
+    setup_logging()
+    return table1(OmegaConf.create(container))["meta"]["total_s"]
+
+
+def evaluate_seeds(seed_cfgs: dict[int, DictConfig], jobs: int) -> dict[int, float]:
+    """Each seed's Table 1 ({seed: seconds}); with ``jobs`` > 1, that many seeds at once in worker processes.
+
+    The seeds share the base model's images (the image cache), so the first seed's base model is evaluated here
+    first: the workers then find its images made, instead of generating them side by side."""
+    workers = min(jobs, len(seed_cfgs))
+    if workers <= 1:
+        return {s: table1(c)["meta"]["total_s"] for s, c in seed_cfgs.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    first = next(iter(seed_cfgs.values()))
+    out = resolve_path(first.out)
+    evaluate_system(system_cfg(first, "base", out / "runs" / first.methods[0], out / "base"))
+    log.info("evaluating seeds %s, %d at a time", ", ".join(map(str, seed_cfgs)), workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        totals = pool.map(_seed_table, [OmegaConf.to_container(c, resolve=False) for c in seed_cfgs.values()])
+        return dict(zip(seed_cfgs, totals))
+
+
 def results(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     out = resolve_path(cfg.out)
@@ -246,17 +274,19 @@ def results(cfg: DictConfig) -> dict:
     timings = {"training_s": round(time.perf_counter() - t0, 1)}
     per_seed = {}
     t0 = time.perf_counter()
+    ready = {}
     for s, c in seed_cfgs.items():
-        ok = [m for m in methods if f"{m} seed={s}" not in failed]
-        if not ok:
+        c.methods = [m for m in methods if f"{m} seed={s}" not in failed]
+        if c.methods:
+            ready[s] = c
+        else:
             log.error("seed %d: no method trained, no table", s)
-            continue
-        c.methods = ok
-        res = table1(c)
-        folders = [Path(p) for p in (resolve_path(c.out) / "base", *[resolve_path(c.out) / "runs" / m for m in ok],
+    for s, total in evaluate_seeds(ready, max(1, int(cfg.jobs or 1))).items():
+        c = ready[s]
+        folders = [Path(p) for p in (resolve_path(c.out) / "base", *[resolve_path(c.out) / "runs" / m for m in c.methods],
                                      resolve_path(c.out) / "reference")]
         per_seed[s] = load_records([f for f in folders if (f / "eval.json").is_file()])
-        timings[f"eval_seed{s}_s"] = res["meta"]["total_s"]
+        timings[f"eval_seed{s}_s"] = total
     timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
     title = f"Toy Table 1 over {len(seeds)} seeds: model={cfg.model}, concept={cfg.concept}, suite={cfg.suite.name}"
     table = aggregate_table(per_seed)
