@@ -113,6 +113,32 @@ class _TeacherAccount:
 
 
 @torch.no_grad()
+def unet_gflop_per_row(models) -> float:
+    """GFLOP of one UNet evaluation of one latent row (torch's FLOP counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *models.latent_shape, device=models.device)
+    emb = models.encode_text([""]).to(models.device, torch.float32)
+    models.unet.to(torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        models.unet(x, torch.tensor(500, device=models.device), emb)
+    return counter.get_total_flops() / 1e9
+
+
+@torch.no_grad()
+def matmul_gflops(side: int = 2048, repeats: int = 5) -> float:
+    """This CPU's float32 matrix-multiply throughput with torch's current threads (the best of ``repeats``)."""
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * side**3 / best / 1e9
+
+
+@torch.no_grad()
 def precision_check(models, base_state, dtype: torch.dtype) -> dict:
     """How far the teacher's epsilon moves from float32 under ``trainer.teacher_precision`` autocast and pure:
     relative RMS error on 4 random latents and prompts at t = 500 (the figure to weigh against their speed)."""
@@ -201,7 +227,7 @@ def main(argv: list[str]) -> dict:
     base += args.set  # after cfg0: an override may name a key only some methods have (method.sampler)
     models = load_models(cfg0.model, args.device)
     base_state = {k: v.detach().clone() for k, v in models.unet.state_dict().items()}
-    results, rows = {}, []
+    results, rows, flops = {}, [], None
     if args.precision_check and models.device.type == "cuda":
         check = precision_check(models, base_state, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         log.info("teacher precision vs float32: %s", check)
@@ -235,6 +261,14 @@ def main(argv: list[str]) -> dict:
             if ref_n > 0:
                 results[name].update(teacher_s_per_it_reference=round(ref["teacher_s_per_it"], 5),
                                      teacher_rows_per_it_reference=round(ref["teacher_rows_per_it"], 2))
+            if ref_n > 0 and opt["teacher_rows_per_it"] > 0:
+                # the teacher's rows at this CPU's own matmul peak: no batching of the same work can beat this
+                flops = flops or dict(gflop_per_row=unet_gflop_per_row(models), peak_gflops=matmul_gflops())
+                floor = opt["teacher_rows_per_it"] * flops["gflop_per_row"] / flops["peak_gflops"]
+                results[name].update(arithmetic_bound=round(ref["s_per_it"] / (max(rest, 0.0) + floor), 2),
+                                     teacher_floor_s_per_it=round(floor, 5),
+                                     unet_gflop_per_row=round(flops["gflop_per_row"], 4),
+                                     matmul_peak_gflops=round(flops["peak_gflops"], 1))
         rows.append(name)
         log.info("%s: %s", name, results[name])
     models.unet.to(torch.float32)
@@ -258,6 +292,13 @@ def main(argv: list[str]) -> dict:
     if any("ceiling" in results[n] for n in rows):
         lines.append("ceiling: the speed-up if the teacher's work cost nothing (s/it ref / (s/it opt - teacher s/it opt)); "
                      "the student's forward/backward and the optimizer run once per iteration in both modes")
+    for name in rows:
+        r = results[name]
+        if "arithmetic_bound" in r:
+            lines.append(f"{name}: arithmetic bound {r['arithmetic_bound']:.2f}x = s/it ref / (s/it opt outside the teacher "
+                         f"+ {r['teacher_rows_per_it_optimized']:.1f} teacher rows x {r['unet_gflop_per_row']:.3f} GFLOP "
+                         f"at this CPU's matmul peak of {r['matmul_peak_gflops']:.0f} GFLOP/s); the optimized teacher runs "
+                         f"at {r['teacher_floor_s_per_it'] / r['teacher_s_per_it_optimized']:.0%} of that peak")
     if gen:
         lines.append(f"generation: {gen['batched_images_per_s']:.2f} img/s batched (batch {gen['batch']}) vs "
                      f"{gen['plain_images_per_s']:.2f} img/s plain pipeline, one image per call ({gen['ratio']:.2f}x)")

@@ -129,4 +129,7 @@ def test_bench_prints_the_table_and_json_with_the_teacher_accounting(capsys):
     rest = ours["s_per_it_optimized"] - ours["teacher_s_per_it_optimized"]
     assert ours["ceiling"] == pytest.approx(ours["s_per_it_reference"] / rest, rel=0.02)
     assert 0 < ours["teacher_s_per_it_optimized"] < ours["s_per_it_optimized"]
+    floor = ours["teacher_rows_per_it_optimized"] * ours["unet_gflop_per_row"] / ours["matmul_peak_gflops"]
+    assert ours["arithmetic_bound"] == pytest.approx(ours["s_per_it_reference"] / (rest + floor), rel=0.02)
+    assert ours["arithmetic_bound"] <= ours["ceiling"]
     assert out["fmn"]["teacher_rows_per_it_optimized"] == 0 and not out["fmn"]["batched"]  # FMN never asks the teacher
