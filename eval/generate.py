@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from erasure.delta import write_text_atomic
 from erasure.errors import UserError
 from erasure.images import save_png
 
@@ -98,7 +99,8 @@ def cache_folder(cache_dir: str | Path, key: str, sampler: Sampler) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     meta = folder / "sampler.json"
     if not meta.exists():
-        meta.write_text(json.dumps(sampler.describe(), indent=2, sort_keys=True, default=str) + "\n")
+        # atomic: the ranks of a sharded launch may all write it (the same content) at once
+        write_text_atomic(meta, json.dumps(sampler.describe(), indent=2, sort_keys=True, default=str) + "\n")
     return folder
 
 
