@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .delta import atomic_folder
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -90,16 +89,11 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
     tensors: dict[str, torch.Tensor] = {}
     plain: dict = {}
     _split("ckpt", payload, tensors, plain)
-    final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:06d}."))
-    try:
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "tensors.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "state": plain["ckpt"]}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    final = atomic_folder(root / f"step_{step:06d}", write)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

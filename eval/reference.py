@@ -14,14 +14,12 @@ import contextlib
 import csv
 import importlib
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from erasure.delta import atomic_folder
 from erasure.errors import UserError
 from erasure.images import save_png
 
@@ -82,32 +80,17 @@ def reference_captions(spec, files: list[Path]) -> list[str] | None:
 
 
 def _write_folder(folder: Path, images: list[Image.Image], captions: list[str], seeds: list[int]) -> None:
-    """Write the folder under a private temporary name, then move it into place in one step.
-
-    Several processes (e.g. the ranks of ``accelerate launch``) may build the same reference at once: each writes
-    its own temporary folder, the first move wins, and the others drop theirs (the content is a pure function of
-    the build arguments, so every copy is the same)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".partial", dir=folder.parent))
-    try:
+    """Write the folder atomically; several processes may build it at once and the first one's copy is kept
+    (the content is a pure function of the build arguments, so every copy is the same)."""
+    def write(tmp: Path) -> None:
         with open(tmp / "captions.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["case_number", "file", "prompt", "evaluation_seed"])
             for i, (im, cap, seed) in enumerate(zip(images, captions, seeds)):
                 save_png(im, tmp / f"{i:06d}.png")
                 w.writerow([i, f"{i:06d}.png", cap, seed])
-        if folder.is_dir() and not any(folder.iterdir()):
-            with contextlib.suppress(OSError):  # another process may have removed or filled it meanwhile
-                folder.rmdir()
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder.is_dir() and any(folder.iterdir())):
-                raise
-            log.info("reference folder %s was built by another process meanwhile; using that one", folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_folder(folder, write, keep_existing=True)
 
 
 def toyworld_renders(folder: str | Path, n: int = 500, seed: int = 12345) -> Path:

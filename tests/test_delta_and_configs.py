@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from erasure.delta import apply_delta, read_delta, save_delta
+from erasure.delta import apply_delta, atomic_folder, read_delta, save_delta
 from erasure.errors import UserError
 from erasure.cli import GROUPS
 from erasure.trainer import train
@@ -69,6 +69,27 @@ def test_delta_write_is_atomic_and_corrupt_file_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(UserError, match="not a readable safetensors"):
         read_delta(path)
+
+
+def test_atomic_folder_replaces_or_keeps_the_existing_folder_and_a_failed_write_leaves_nothing(tmp_path):
+    def writer(text):
+        return lambda tmp: (tmp / "a.txt").write_text(text)
+
+    target = tmp_path / "f"
+    atomic_folder(target, writer("one"))
+    atomic_folder(target, writer("two"))  # default: replace (a checkpoint rewritten at the same step)
+    assert (target / "a.txt").read_text() == "two"
+    atomic_folder(target, writer("three"), keep_existing=True)  # another builder's folder wins
+    assert (target / "a.txt").read_text() == "two"
+
+    def fails(tmp):
+        (tmp / "half.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_folder(tmp_path / "g", fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # no half-written folder, no temporary
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
