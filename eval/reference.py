@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,6 @@ from erasure.errors import UserError
 from erasure.images import save_png
 
 from .prompts import resolve_path
-
-log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
