@@ -282,9 +282,8 @@ def results(cfg: DictConfig) -> dict:
         else:
             log.error("seed %d: no method trained, no table", s)
     for s, total in evaluate_seeds(ready, max(1, int(cfg.jobs or 1))).items():
-        c = ready[s]
-        folders = [Path(p) for p in (resolve_path(c.out) / "base", *[resolve_path(c.out) / "runs" / m for m in c.methods],
-                                     resolve_path(c.out) / "reference")]
+        root = resolve_path(ready[s].out)
+        folders = [root / "base", *[root / "runs" / m for m in ready[s].methods], root / "reference"]
         per_seed[s] = load_records([f for f in folders if (f / "eval.json").is_file()])
         timings[f"eval_seed{s}_s"] = total
     timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
