@@ -256,19 +256,20 @@ def main(argv: list[str]) -> dict:
         if "teacher_s_per_it" in opt:
             rest = opt["s_per_it"] - opt["teacher_s_per_it"]  # what no batching of the teacher can remove
             results[name].update(teacher_s_per_it_optimized=round(opt["teacher_s_per_it"], 5),
-                                 teacher_rows_per_it_optimized=round(opt["teacher_rows_per_it"], 2),
-                                 ceiling=round(ref["s_per_it"] / rest, 2) if ref_n > 0 and rest > 0 else None)
+                                 teacher_rows_per_it_optimized=round(opt["teacher_rows_per_it"], 2), ceiling=None)
             if ref_n > 0:
                 results[name].update(teacher_s_per_it_reference=round(ref["teacher_s_per_it"], 5),
                                      teacher_rows_per_it_reference=round(ref["teacher_rows_per_it"], 2))
-            if ref_n > 0 and opt["teacher_rows_per_it"] > 0:
-                # the teacher's rows at this CPU's own matmul peak: no batching of the same work can beat this
-                flops = flops or dict(gflop_per_row=unet_gflop_per_row(models), peak_gflops=matmul_gflops())
-                floor = opt["teacher_rows_per_it"] * flops["gflop_per_row"] / flops["peak_gflops"]
-                results[name].update(arithmetic_bound=round(ref["s_per_it"] / (max(rest, 0.0) + floor), 2),
-                                     teacher_floor_s_per_it=round(floor, 5),
-                                     unet_gflop_per_row=round(flops["gflop_per_row"], 4),
-                                     matmul_peak_gflops=round(flops["peak_gflops"], 1))
+                if rest > 0:
+                    results[name]["ceiling"] = round(ref["s_per_it"] / rest, 2)
+                if opt["teacher_rows_per_it"] > 0:
+                    # the teacher's rows at this CPU's own matmul peak: no batching of the same work can beat this
+                    flops = flops or dict(gflop_per_row=unet_gflop_per_row(models), peak_gflops=matmul_gflops())
+                    floor = opt["teacher_rows_per_it"] * flops["gflop_per_row"] / flops["peak_gflops"]
+                    results[name].update(arithmetic_bound=round(ref["s_per_it"] / (max(rest, 0.0) + floor), 2),
+                                         teacher_floor_s_per_it=round(floor, 5),
+                                         unet_gflop_per_row=round(flops["gflop_per_row"], 4),
+                                         matmul_peak_gflops=round(flops["peak_gflops"], 1))
         rows.append(name)
         log.info("%s: %s", name, results[name])
     models.unet.to(torch.float32)
