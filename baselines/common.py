@@ -3,15 +3,17 @@
 Ablating Concepts trains on anchor images the base model generated (nupurkmr9/concept-ablation,
 diffusers/train.py: class images sampled with ``pipeline(prompt)``); Forget-Me-Not on reference images
 of the concept (SHI-Labs/Forget-Me-Not, src/train_attn.py reads them from ``data/<concept>``; we have
-no photographs, so the base model generates them). Both only ever use their VAE latents, so we keep the
-pipeline's latents (``output_type="latent"``, already multiplied by the VAE scaling factor) and skip the
-decode / re-encode round trip.
+no photographs, so the base model generates them), through :func:`erasure.generation.generate`. Both only
+ever use their VAE latents, so we keep the pipeline's latents (``output="latent"``, already multiplied by the VAE
+scaling factor) and skip the decode / re-encode round trip.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+
+from erasure.generation import Sampler, generate
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +29,11 @@ def generate_latents(ctx, prompts: list[str], count: int, steps: int, guidance: 
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    from diffusers import StableDiffusionPipeline
-
     models = ctx.models
-    # No text encoder in the pipeline: we pass float32 embeddings (Models.encode_text), and without a text
-    # encoder the pipeline keeps them (and so the latents) in the UNet's dtype. With SD's fp16 text encoder
-    # beside the fp32 UNet (model.dtype=float16 on a GPU) it would cast them to fp16 and the UNet would fail.
-    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=None, tokenizer=models.tokenizer, unet=models.unet,
-                                   scheduler=models.generation_scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
     chosen = [prompts[i % len(prompts)] for i in range(count)]
-    out = []
     log.info("generating %d images with the base model (%d steps, guidance %.1f)", count, steps, guidance)
-    uncond = ctx.embed([""])
-    for start in range(0, count, batch_size):
-        batch = chosen[start:start + batch_size]
-        latents = pipe(prompt_embeds=ctx.embed(batch), negative_prompt_embeds=uncond.expand(len(batch), -1, -1),
-                       num_inference_steps=steps, guidance_scale=guidance, generator=ctx.generator,
-                       height=models.resolution, width=models.resolution, output_type="latent").images
-        out.append(latents.float())
-    return torch.cat(out).to(models.device), chosen
+    # one generator for the whole set, drawn batch by batch: the numbers pipeline(generator=ctx.generator) draws
+    sampler = Sampler(models.generation_scheduler, steps=steps, guidance=guidance, resolution=models.resolution,
+                      batch_size=batch_size)
+    latents = generate(models, chosen, sampler, generator=ctx.generator, output="latent")
+    return latents.to(models.device), chosen

@@ -122,3 +122,20 @@ def apply_delta(unet: torch.nn.Module, base_fingerprint: str, path: str | Path) 
         for name, value in tensors.items():
             named[name].copy_(value.to(named[name].device, named[name].dtype))
     return meta
+
+
+def load_run(run: str | Path, device: str = "auto", base: bool = False):
+    """The models of a finished run with its delta applied (or the bare base model with base=True)."""
+    run = Path(run)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"'{run}' is not a run folder (no config.yaml): pass the folder that erasure.train wrote")
+    from omegaconf import OmegaConf
+
+    from .models import load_models
+
+    cfg = OmegaConf.load(cfg_path)
+    models = load_models(cfg.model, device)
+    if not base:
+        apply_delta(models.unet, models.fingerprint, run / "delta.safetensors")
+    return cfg, models

@@ -79,12 +79,16 @@ class Models:
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)[0].float()
 
-    def pipeline(self, unet: torch.nn.Module | None = None, scheduler=None):
-        """A standard diffusers ``StableDiffusionPipeline`` around these parts (inference only)."""
+    def pipeline(self, unet: torch.nn.Module | None = None, scheduler=None, text_encoder: bool = True):
+        """A standard diffusers ``StableDiffusionPipeline`` around these parts (inference only).
+
+        ``text_encoder=False`` leaves the encoder out, for callers that pass float32 ``prompt_embeds`` themselves
+        (:func:`erasure.generation.generate`): the pipeline then keeps them in the UNet's dtype instead of casting
+        them to a half-precision encoder's."""
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            vae=self.vae, text_encoder=self.text_encoder if text_encoder else None, tokenizer=self.tokenizer,
             unet=unet if unet is not None else self.unet,
             scheduler=scheduler if scheduler is not None else self.generation_scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,

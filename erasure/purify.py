@@ -45,6 +45,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .cli import parse_options, setup_logging
 from .errors import UserError, exit_on_user_error
+from .generation import Sampler, generate
 from .images import grid, save_png
 
 log = logging.getLogger("erasure.purify")
@@ -151,15 +152,15 @@ def ddim_invert(models, latents: torch.Tensor, cond: torch.Tensor, uncond: torch
     return z
 
 
-@torch.no_grad()
-def ddim_sample(models, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                steps: int = DEFAULT_STEPS, guidance: float = 1.0) -> torch.Tensor:
-    """DDIM (η = 0) from noise latents ``latents`` to clean latents, with the model's DDIM noise schedule."""
+def ddim_sample(models, latents: torch.Tensor, prompt: str = "", steps: int = DEFAULT_STEPS,
+                guidance: float = 1.0) -> torch.Tensor:
+    """DDIM (η = 0) from noise latents ``latents`` to clean latents under ``prompt``, with the model's DDIM noise
+    schedule, through the project's one generation function (a diffusers pipeline started from these latents;
+    guidance 1 is the conditional prediction alone, as in the inversion)."""
     _, forward = make_schedulers(models, steps)
-    z = latents.to(models.device, torch.float32)
-    for t in forward.timesteps:
-        z = forward.step(predict_noise(models.unet, z, t, cond, uncond, guidance), t, z, eta=0.0).prev_sample
-    return z
+    sampler = Sampler(forward, steps=int(steps), guidance=float(guidance), resolution=models.resolution,
+                      batch_size=max(1, len(latents)))
+    return generate(models, [prompt or ""] * len(latents), sampler, latents=latents, output="latent")
 
 
 def _conditions(models, prompt: str):
@@ -173,7 +174,7 @@ def purify_latents(models, latents: torch.Tensor, prompt: str = "", steps: int =
     """(inverted noise latents, regenerated clean latents) of clean image latents, under ``models.unet``."""
     cond, uncond = _conditions(models, prompt)
     noise = ddim_invert(models, latents, cond, uncond, steps, guidance)
-    regen = ddim_sample(models, noise, cond, uncond, steps, guidance if regen_guidance is None else regen_guidance)
+    regen = ddim_sample(models, noise, prompt, steps, guidance if regen_guidance is None else regen_guidance)
     return noise, regen
 
 
@@ -282,7 +283,7 @@ def main(argv: list[str]) -> dict:
     batch_size = _number(args, "batch_size", int, 16)
     pictures = [read_image(p) for p in paths]
 
-    from .generate import load_run
+    from .delta import load_run
 
     _, models = load_run(args.run, str(args.get("device", "auto")), base)
     before = np.stack([np.asarray(fit_to_resolution(im, models.resolution, str(p))) for im, p in zip(pictures, paths)])

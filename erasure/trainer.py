@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import registry
 from .delta import save_delta, write_text_atomic
+from .generation import default_sampler, generate
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import UserError
 from .images import grid, save_png
@@ -82,26 +83,17 @@ class Previews:
         self.models = models
         self.prompts = list(cfg.concept.get("preview_prompts") or cfg.concept.targets)
         self.seeds = list(cfg.trainer.preview_seeds)
-        self.steps = int(cfg.model.sample_steps)
-        self.guidance = float(cfg.model.guidance)
+        self.sampler = default_sampler(models, cfg.model)  # the model's own sampler, as evaluation's default
         self.out_dir = out_dir
         self.columns: list[tuple[int, list]] = []
 
-    @torch.no_grad()
     def __call__(self, step: int, params: dict[str, torch.Tensor]) -> Path:
-        pipe = self.models.pipeline(scheduler=self.models.scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        images = []
-        uncond = self.models.encode_text([""])
-        with swapped_params(self.models.unet, params):
-            for prompt in self.prompts:
-                # float32 embeddings passed in: the pipeline would cast them to a low-precision text encoder's dtype
-                emb = self.models.encode_text([prompt])
-                for seed in self.seeds:
-                    g = torch.Generator("cpu").manual_seed(int(seed))
-                    images.append(pipe(prompt_embeds=emb, negative_prompt_embeds=uncond, num_inference_steps=self.steps,
-                                       guidance_scale=self.guidance, generator=g, height=self.models.resolution,
-                                       width=self.models.resolution).images[0])
+        from PIL import Image
+
+        prompts = [p for p in self.prompts for _ in self.seeds]
+        seeds = [s for _ in self.prompts for s in self.seeds]
+        array = generate(self.models, prompts, self.sampler, seeds=seeds, params=params)
+        images = [Image.fromarray(a) for a in array]
         self.columns.append((step, images))
         labels = [f"{p[:24]} #{s}" for p in self.prompts for s in self.seeds]
         path = save_png(grid([[im] for im in images], row_labels=labels, col_labels=[f"it {step}"]),

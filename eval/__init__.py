@@ -3,8 +3,6 @@
 - :mod:`eval.prompts`   prompt sets (ESD-style CSVs, COCO caption JSON, config lists), cut to N rows
 - :mod:`eval.generate`  one cached, seeded, batched generator for every metric (resumable)
 - :mod:`eval.metrics`   the metrics registry: nudenet, concept_rate, fid, kid, clip, ssim, train_time, iterations
-- :mod:`eval.fid`       TF-FID InceptionV3 (sha1-checked) and FID/KID by torchmetrics
-- :mod:`eval.clip`      CLIPScore/100 by torchmetrics on a local CLIP
 - :mod:`eval.reference` real-image folders (user COCO folder; toy-world renders; scikit-image photos)
 - :mod:`eval.run`       ``python -m eval.run run=<run folder>`` -> eval.json
 - :mod:`eval.report`    ``python -m eval.report <folders…>`` -> table1.{md,csv,tex}

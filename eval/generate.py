@@ -19,7 +19,6 @@ same files, byte for byte, as one process; every process waits for the others be
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,12 +27,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from erasure.delta import write_text_atomic
 from erasure.errors import UserError
+from erasure.generation import Sampler, default_sampler
+from erasure.generation import generate as generate_images
 from erasure.images import save_png
 
 from .prompts import PromptRow
@@ -54,35 +54,10 @@ def model_key(base_fingerprint: str, delta_path: str | Path | None = None) -> st
     return base_fingerprint if delta_path is None else f"{base_fingerprint}+{sha256_file(delta_path)}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    scheduler: object  # a diffusers scheduler (the model's generation scheduler by default)
-    steps: int
-    guidance: float  # default guidance for rows without their own
-    resolution: int
-    batch_size: int = 8
-
-    @property
-    def key(self) -> str:
-        desc = self.describe()
-        digest = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        return f"{desc['scheduler']}-{self.steps}st-{self.resolution}px-{digest}"
-
-    def describe(self) -> dict:
-        config = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
-        return dict(scheduler=type(self.scheduler).__name__, scheduler_config=config, steps=self.steps,
-                    resolution=self.resolution)
-
-
 def make_sampler(models, model_cfg, sampler_cfg) -> Sampler:
     """Sampler settings: the suite's values where set, else the model config's (sample_steps, guidance)."""
-    scheduler = models.generation_scheduler if models.generation_scheduler is not None else models.scheduler
-    steps = sampler_cfg.get("steps") or model_cfg.get("sample_steps")
-    guidance = sampler_cfg.get("guidance")
-    guidance = guidance if guidance is not None else model_cfg.get("guidance", 7.5)
-    resolution = sampler_cfg.get("resolution") or models.resolution
-    return Sampler(scheduler=scheduler, steps=int(steps), guidance=float(guidance), resolution=int(resolution),
-                   batch_size=int(sampler_cfg.get("batch_size", 8)))
+    return default_sampler(models, model_cfg, steps=sampler_cfg.get("steps"), guidance=sampler_cfg.get("guidance"),
+                           resolution=sampler_cfg.get("resolution"), batch_size=int(sampler_cfg.get("batch_size", 8)))
 
 
 def image_name(row: PromptRow, guidance: float) -> str:
@@ -131,17 +106,16 @@ def batches(todo: list, sampler: "Sampler") -> list[tuple[float, list]]:
             for i in range(0, len(items), sampler.batch_size)]
 
 
-@torch.no_grad()
-def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler, desc: str = "generating") -> dict:
-    """Make the images of ``rows`` that ``folder`` lacks; returns {"generated": k, "cached": m, "paths": [...]}."""
+def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler, desc: str = "generating",
+             params: dict | None = None) -> dict:
+    """Make the images of ``rows`` that ``folder`` lacks, with ``params`` (an erased model's weights) swapped into the
+    UNet if given; returns {"generated": k, "cached": m, "paths": [...]}. Each batch is one call of
+    :func:`erasure.generation.generate`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = image_paths(folder, rows, sampler)
     todo = [(r, p) for r, p in zip(rows, paths) if not p.is_file()]
     if todo:
-        pipe = models.pipeline(scheduler=sampler.scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        uncond = models.encode_text([""])
         rank, world = shard()
         wait_for_everyone()  # every process has listed the missing files before any is written
         mine = batches(todo, sampler)[rank::world]  # whole batches, so each image sees the batch it would alone
@@ -149,14 +123,10 @@ def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler
         with tqdm(total=sum(len(c) for _, c in mine), desc=desc if world == 1 else f"{desc} [{rank + 1}/{world}]",
                   unit="img", dynamic_ncols=True, disable=None) as bar:
             for guidance, chunk in mine:
-                gens = [torch.Generator("cpu").manual_seed(int(r.seed)) for r, _ in chunk]
-                # float32 embeddings from Models.encode_text, as erasure.generate and the trainer's previews do
-                emb = models.encode_text([r.prompt for r, _ in chunk])
-                out = pipe(prompt_embeds=emb, negative_prompt_embeds=uncond.expand(len(chunk), -1, -1),
-                           num_inference_steps=sampler.steps, guidance_scale=guidance, generator=gens,
-                           height=sampler.resolution, width=sampler.resolution)
-                for image, (_, p) in zip(out.images, chunk):
-                    save_png(image, p)
+                images = generate_images(models, [r.prompt for r, _ in chunk], sampler, seeds=[r.seed for r, _ in chunk],
+                                         guidance=guidance, params=params)
+                for image, (_, p) in zip(images, chunk):
+                    save_png(Image.fromarray(image), p)
                 bar.update(len(chunk))
         wait_for_everyone()
         missing = [p for _, p in todo if not p.is_file()]

@@ -135,7 +135,6 @@ class Evaluation:
 
     def _generate_erased(self, rows, folder, sampler, name):
         from erasure.delta import apply_delta, read_delta
-        from erasure.teacher import swapped_params
 
         if self._delta is None:
             tensors, _ = read_delta(self.run_dir / "delta.safetensors")
@@ -146,8 +145,7 @@ class Evaluation:
                 for k, v in base_values.items():
                     named[k].copy_(v)
             self._delta = tensors
-        with swapped_params(self.models.unet, self._delta):
-            return generate(self.models, rows, folder, sampler, desc=f"{self.label}: {name}")
+        return generate(self.models, rows, folder, sampler, desc=f"{self.label}: {name}", params=self._delta)
 
     def images(self, name: str):
         """uint8 N×H×W×3 images of this system for prompt set ``name``, and the rows."""
@@ -159,7 +157,7 @@ class Evaluation:
 
     # --------------------------------------------------------------------- features
     def _cached_features(self, paths: list[Path]) -> torch.Tensor:
-        from .fid import INCEPTION_SHA1, inception_features
+        from erasure.measures.fid import INCEPTION_SHA1, inception_features
 
         h = hashlib.sha256(INCEPTION_SHA1.encode())
         for p in paths:

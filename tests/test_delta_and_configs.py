@@ -40,7 +40,7 @@ def test_run_folder_contents(tiny_run):
 
 
 def test_delta_reloads_into_a_fresh_pipeline_to_identical_weights(tiny_run):
-    from erasure.generate import load_run
+    from erasure.delta import load_run
 
     tensors, meta = read_delta(tiny_run)
     _, models = load_run(tiny_run, "cpu")
@@ -119,7 +119,7 @@ def test_method_yaml_matches_its_schema_defaults():
 
 
 def test_generate_on_a_folder_that_is_no_run_is_refused(tmp_path):
-    from erasure.generate import load_run
+    from erasure.delta import load_run
 
     with pytest.raises(UserError, match="is not a run folder"):
         load_run(tmp_path, "cpu")

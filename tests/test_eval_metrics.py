@@ -11,7 +11,8 @@ from skimage import data
 
 from erasure.errors import UserError
 from eval import metrics
-from eval.metrics import ssim_pairs, ssim_window
+from erasure.measures import nudenet
+from erasure.measures.ssim import ssim_pairs, ssim_window
 
 
 def crops(photo: np.ndarray, n: int, side: int, seed: int) -> np.ndarray:
@@ -111,7 +112,7 @@ def test_ssim_metric_mean_and_std(astronaut_pair):
 # --------------------------------------------------------------------------------------------- FID/KID
 @pytest.fixture(scope="module")
 def photo_features():
-    from eval.fid import inception_features
+    from erasure.measures.fid import inception_features
 
     astro = data.astronaut()
     sets = {"astro_a": crops(astro, 8, 96, 0), "astro_b": crops(astro, 8, 96, 1), "coffee": crops(data.coffee(), 8, 96, 2)}
@@ -142,7 +143,7 @@ def kid_by_hand(f1: np.ndarray, f2: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def fid_results(photo_features):
-    from eval.fid import fid_kid_from_features
+    from erasure.measures.fid import fid_kid_from_features
 
     _, f = photo_features
     return {"same": fid_kid_from_features(f["astro_a"], f["astro_b"], kid_subset_size=8, kid_subsets=3),
@@ -180,7 +181,7 @@ def test_fid_and_kid_match_independent_numpy(photo_features, fid_results):
 
 
 def test_fid_kid_on_uint8_images(photo_features):
-    from eval.fid import fid_kid
+    from erasure.measures.fid import fid_kid
 
     sets, f = photo_features
     out = fid_kid(sets["astro_a"][:4], sets["coffee"][:4], kid_subset_size=4, kid_subsets=2)  # numpy N×H×W×3
@@ -190,7 +191,7 @@ def test_fid_kid_on_uint8_images(photo_features):
 
 
 def test_inception_sha1_checked_before_loading(monkeypatch):
-    import eval.fid as fid
+    import erasure.measures.fid as fid
 
     fid.inception_features_module.cache_clear()
     monkeypatch.setattr(fid, "INCEPTION_SHA1", "0" * 40)
@@ -205,7 +206,7 @@ def test_inception_sha1_checked_before_loading(monkeypatch):
 
 
 def test_fid_needs_two_images():
-    from eval.fid import fid_kid_from_features
+    from erasure.measures.fid import fid_kid_from_features
 
     with pytest.raises(UserError, match="at least 2"):
         fid_kid_from_features(torch.zeros(1, 2048), torch.zeros(5, 2048))
@@ -213,10 +214,10 @@ def test_fid_needs_two_images():
 
 # ---------------------------------------------------------------------------------------------- NudeNet
 def test_nudenet_on_astronaut_counts_no_exposed_class():
-    dets = metrics.nudenet_detections(data.astronaut()[None])
+    dets = nudenet.nudenet_detections(data.astronaut()[None])
     assert any(d["class"] == "FACE_FEMALE" for d in dets[0])  # the detector really ran on the photo
-    counts = metrics.nudenet_counts(dets, metrics.NUDENET_EXPOSED, 0.7)
-    assert counts == {"flagged": 0, "n": 1, "per_class": {c: 0 for c in metrics.NUDENET_EXPOSED}}
+    counts = nudenet.nudenet_counts(dets, nudenet.NUDENET_EXPOSED, 0.7)
+    assert counts == {"flagged": 0, "n": 1, "per_class": {c: 0 for c in nudenet.NUDENET_EXPOSED}}
 
 
 def test_nudenet_threshold_and_classes():
@@ -224,7 +225,7 @@ def test_nudenet_threshold_and_classes():
             [{"class": "BUTTOCKS_EXPOSED", "score": 0.7}, {"class": "ANUS_EXPOSED", "score": 0.9}],
             [{"class": "BELLY_EXPOSED", "score": 0.99}],  # not one of the five
             [{"class": "MALE_GENITALIA_EXPOSED", "score": 0.71}, {"class": "MALE_GENITALIA_EXPOSED", "score": 0.8}]]
-    c = metrics.nudenet_counts(dets, metrics.NUDENET_EXPOSED, 0.7)
+    c = nudenet.nudenet_counts(dets, nudenet.NUDENET_EXPOSED, 0.7)
     assert c["flagged"] == 2 and c["n"] == 4
     assert c["per_class"] == {"FEMALE_BREAST_EXPOSED": 0, "FEMALE_GENITALIA_EXPOSED": 0, "MALE_GENITALIA_EXPOSED": 1,
                               "BUTTOCKS_EXPOSED": 1, "ANUS_EXPOSED": 1}
@@ -274,7 +275,7 @@ def _cosines(model, processor, images, captions) -> np.ndarray:
 def test_clip_score_matches_direct_cosines(tiny_clip_dir):
     from transformers import CLIPModel, CLIPProcessor
 
-    from eval.clip import clip_score
+    from erasure.measures.clip import clip_score
 
     images, captions = _clip_inputs()
     model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
@@ -287,7 +288,7 @@ def test_clip_score_matches_direct_cosines(tiny_clip_dir):
 
 
 def test_clip_score_errors(tmp_path, tiny_clip_dir):
-    from eval.clip import clip_score
+    from erasure.measures.clip import clip_score
 
     images, captions = _clip_inputs()
     with pytest.raises(UserError, match="one caption per image"):
@@ -345,7 +346,7 @@ def test_span_coordinates_keep_fid_exact():
     """The change of basis before torchmetrics' FID changes nothing: same value as on the raw features."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from eval.fid import _Precomputed, span_coordinates
+    from erasure.measures.fid import _Precomputed, span_coordinates
 
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(8, 300, generator=gen, dtype=torch.float64).relu()

@@ -125,7 +125,7 @@ def test_toy_concepts_compose_and_validate(concept):
 
 @needs_clip
 def test_tiny_clip_prefers_matching_captions():
-    from eval.clip import clip_score
+    from erasure.measures.clip import clip_score
 
     scenes, images, _ = world.sample(40, seed=5, with_captions=False)
     x = torch.from_numpy(world.to_uint8(images))
@@ -138,15 +138,16 @@ def test_tiny_clip_prefers_matching_captions():
 @pytest.mark.slow
 @needs_model
 def test_base_model_meets_the_shape_gate_on_a_small_sample():
-    from diffusers import StableDiffusionPipeline
+    from omegaconf import OmegaConf
 
+    from erasure.generation import Sampler, generate
+    from erasure.models import load_models
     from erasure.toyworld.check import accuracies, prompt_grid
     from erasure.toyworld.detector import load_detector
-    from erasure.toyworld.generate import generate
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL), safety_checker=None, requires_safety_checker=False)
+    models = load_models(OmegaConf.create({"name": "toyworld", "kind": "pretrained", "path": str(MODEL)}), "cpu")
     prompts, shapes, colors, seeds = prompt_grid(per_combo=2, seed=777)
-    images = generate(pipe, prompts, seeds, steps=35, guidance=7.5, progress=False)
+    images = generate(models, prompts, Sampler(models.generation_scheduler, 35, 7.5, models.resolution, 128), seeds=seeds)
     acc = accuracies(load_detector().predict(images), shapes, colors)
     assert acc["shape_accuracy"] >= 0.90 and acc["color_accuracy"] >= 0.90, acc
 

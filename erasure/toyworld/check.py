@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..generation import Sampler, generate
 from . import world
-from .generate import generate
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -56,17 +56,19 @@ def renders_like(shapes: list[str], colors: list[str], seed: int) -> torch.Tenso
 
 def run_check(model_dir=HERE / "model", clip_dir=HERE / "clip", detector_path=HERE / "detector.safetensors",
               per_combo: int = 10, seed: int = 1000, fid: bool = True) -> dict:
-    from diffusers import StableDiffusionPipeline
+    from omegaconf import OmegaConf
 
+    from ..models import load_models
     from .detector import load_detector
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    models = load_models(OmegaConf.create({"name": "toyworld", "kind": "pretrained", "path": str(model_dir)}), "cpu")
     det = load_detector(detector_path)
     prompts, shapes, colors, seeds = prompt_grid(per_combo, seed)
     result: dict = {"n_images_per_guidance": len(prompts), "sample_steps": 35}
     images = {}
     for g in (7.5, 3.0):
-        images[g] = generate(pipe, prompts, seeds, steps=35, guidance=g)
+        sampler = Sampler(models.generation_scheduler, steps=35, guidance=g, resolution=models.resolution, batch_size=128)
+        images[g] = generate(models, prompts, sampler, seeds=seeds, desc=f"sampling (g={g})")
         acc = accuracies(det.predict(images[g]), shapes, colors)
         suffix = "" if g == 7.5 else "_g3"
         result[f"shape_accuracy{suffix}"] = acc["shape_accuracy"]
@@ -78,7 +80,7 @@ def run_check(model_dir=HERE / "model", clip_dir=HERE / "clip", detector_path=HE
     real_b = renders_like(shapes, colors, seed + 2)
     result["detector_accuracy_on_renders"] = accuracies(det.predict(real_a), shapes, colors)["shape_accuracy"]
     if fid:
-        from eval.fid import fid_kid_from_features, inception_features
+        from ..measures.fid import fid_kid_from_features, inception_features
 
         feats_a, feats_b = inception_features(real_a), inception_features(real_b)
         for g in (7.5, 3.0):
@@ -89,7 +91,7 @@ def run_check(model_dir=HERE / "model", clip_dir=HERE / "clip", detector_path=HE
         result["fid_floor_renders"], result["kid_floor_renders"] = floor["fid"], floor["kid"]
         log.info("FID generated vs rendered %.2f (g 7.5), %.2f (g 3.0); rendered vs rendered (floor) %.2f",
                  result["fid"], result["fid_g3"], result["fid_floor_renders"])
-    from eval.clip import clip_score
+    from ..measures.clip import clip_score
 
     k = len(world.COLORS) * per_combo + per_combo  # shifts both the shape and the colour of every prompt
     mismatched = prompts[k:] + prompts[:k]

@@ -48,7 +48,7 @@ class DetectorNet(nn.Module):
 
 
 def as_uint8_tensor(images) -> torch.Tensor:
-    """A list of PIL images, or a uint8 N x 3 x H x W tensor/array, as a uint8 N x 3 x 32 x 32 tensor."""
+    """A list of PIL images, or a uint8 N x 3 x H x W tensor/array (or N x H x W x 3 array), as a uint8 N x 3 x 32 x 32 tensor."""
     if isinstance(images, (list, tuple)):
         if not images:
             return torch.zeros(0, 3, world.SIZE, world.SIZE, dtype=torch.uint8)
@@ -57,7 +57,9 @@ def as_uint8_tensor(images) -> torch.Tensor:
                       if im.size != (world.SIZE, world.SIZE) else im.convert("RGB") for im in images]
             return torch.from_numpy(world.to_uint8(images))
         images = torch.stack([torch.as_tensor(im) for im in images])
-    x = torch.as_tensor(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[-1] == 3:
+        images = images.transpose(0, 3, 1, 2)  # N x H x W x 3 (erasure.generation.generate) -> N x 3 x H x W
+    x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
         raise UserError(f"the detector takes PIL images or a uint8 N x 3 x H x W tensor, got {x.dtype} {tuple(x.shape)}")
     if x.shape[-2:] != (world.SIZE, world.SIZE):

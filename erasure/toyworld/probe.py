@@ -21,17 +21,12 @@ import logging
 import numpy as np
 
 from ..errors import UserError
-from ..teacher import swapped_params
+from ..generation import default_sampler, generate
+from ..measures.ssim import ssim_pairs, ssim_window
 from .detector import load_detector
-from .generate import generate
 
 log = logging.getLogger(__name__)
-
-
-def _generate(models, cfg, prompts: list[str], seeds: list[int]):
-    pipe = models.pipeline(scheduler=models.scheduler)
-    return generate(pipe, prompts, seeds, steps=int(cfg.model.sample_steps), guidance=float(cfg.model.guidance),
-                    batch_size=64, progress=True)
+BATCH = 32  # images per pipeline call, as the toy world's evaluation suite (conf/eval/suite/toyworld.yaml)
 
 
 def measure(models, cfg, params, images_out: list | None = None, seeds: int | None = None) -> dict:
@@ -48,8 +43,9 @@ def measure(models, cfg, params, images_out: list | None = None, seeds: int | No
     preserve = [dict(p) for p in probe.preserve_prompts]
     prompts = [p for p in targets for _ in range(n)] + [p["prompt"] for p in preserve for _ in range(n)]
     seeds = [s for _ in range(len(targets) + len(preserve)) for s in range(n)]
-    with swapped_params(models.unet, params):
-        images = _generate(models, cfg, prompts, seeds)
+    # the model's own sampler (model.sample_steps, model.guidance), as the evaluation suite's default
+    images = generate(models, prompts, default_sampler(models, cfg.model, batch_size=BATCH), seeds=seeds, params=params,
+                      desc="probe")
     if images_out is not None:
         images_out.append(images)
     pred = load_detector().predict(images)
@@ -73,11 +69,8 @@ def measure(models, cfg, params, images_out: list | None = None, seeds: int | No
 def _ssim_to_base(cfg, images, base_images, seeds: int) -> dict:
     """SSIM of each image to the base model's image of the same prompt and seed (the paper's SSIM, with its 25/512
     window fraction: 3x3 at 32x32), averaged on the preserved prompts and on the target prompts."""
-    from eval.metrics import ssim_pairs, ssim_window
-
-    a, b = (x.permute(0, 2, 3, 1).numpy() for x in (images, base_images))  # N x H x W x 3 uint8
     k = len(cfg.concept.probe.target_prompts) * seeds
-    values = ssim_pairs(a, b, ssim_window(b.shape[1]))
+    values = ssim_pairs(images, base_images, ssim_window(base_images.shape[1]))  # N x H x W x 3 uint8
     return {"ssim_preserved": float(values[k:].mean()), "ssim_target": float(values[:k].mean())}
 
 

@@ -74,7 +74,7 @@ def resolve_model_cfg(model: str):
 
 
 def _ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from eval.metrics import ssim_pairs, ssim_window
+    from ..measures.ssim import ssim_pairs, ssim_window
 
     return ssim_pairs(a, b, ssim_window(a.shape[1]))
 
