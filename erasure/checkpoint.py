@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .delta import atomic_folder
+from .io import atomic_folder
 from .errors import UserError
 
 log = logging.getLogger(__name__)

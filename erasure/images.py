@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .delta import atomic_write
+from .io import atomic_write
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import registry
-from .delta import save_delta, write_text_atomic
+from .delta import save_delta
+from .io import write_text_atomic
 from .generation import default_sampler, generate
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import UserError

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from erasure.delta import write_text_atomic
+from erasure.io import write_text_atomic
 from erasure.errors import UserError
 from erasure.generation import Sampler, default_sampler
 from erasure.generation import generate as generate_images

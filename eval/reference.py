@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from erasure.delta import atomic_folder
+from erasure.io import atomic_folder
 from erasure.errors import UserError
 from erasure.images import save_png
 

@@ -152,7 +152,7 @@ def nudenet_class_table(records: list[dict]) -> tuple[str, str] | None:
 
 
 def _write(path: Path, text: str) -> None:
-    from erasure.delta import write_text_atomic
+    from erasure.io import write_text_atomic
 
     write_text_atomic(path, text)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from erasure.delta import write_text_atomic
+from erasure.io import write_text_atomic
 from erasure.errors import UserError, exit_on_user_error
 
 from . import sweep as sweep_mod

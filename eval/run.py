@@ -173,7 +173,7 @@ class Evaluation:
         out = torch.zeros(len(paths), feats[0][1].shape[1])
         for idx, f in feats:
             out[idx] = f
-        from erasure.delta import atomic_write
+        from erasure.io import atomic_write
 
         atomic_write(cache, lambda tmp: save_file({"features": out.contiguous()}, str(tmp)))
         return out
@@ -272,7 +272,7 @@ def out_dir(cfg: DictConfig) -> Path:
 
 def evaluate_system(cfg: DictConfig) -> Path:
     """Evaluate (or reuse an up-to-date eval.json) and return the path of eval.json."""
-    from erasure.trainer import write_text_atomic
+    from erasure.io import write_text_atomic
 
     ev = Evaluation.from_cfg(cfg)
     target = out_dir(cfg) / "eval.json"

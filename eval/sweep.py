@@ -244,7 +244,7 @@ def log_wandb(result: dict, folder: Path, png: Path | None) -> None:
 
 def write_summary(folder: Path, result: dict, x: str | None = None) -> tuple[str, Path | None]:
     """sweep.{json,csv,md} and sweep.png into ``folder``; returns the markdown and the plot's path."""
-    from erasure.trainer import write_text_atomic
+    from erasure.io import write_text_atomic
 
     write_text_atomic(folder / "sweep.json", json.dumps(result, indent=2, default=str) + "\n")
     write_text_atomic(folder / "sweep.csv", to_csv(result))

@@ -4,7 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from erasure.delta import apply_delta, atomic_folder, read_delta, save_delta
+from erasure.delta import apply_delta, read_delta, save_delta
+from erasure.io import atomic_folder
 from erasure.errors import UserError
 from erasure.cli import GROUPS
 from erasure.trainer import train
