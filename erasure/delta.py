@@ -80,3 +80,23 @@ def load_run(run: str | Path, device: str = "auto", base: bool = False):
     if not base:
         apply_delta(models.unet, models.fingerprint, run / "delta.safetensors")
     return cfg, models
+
+
+def check_run_folder(run: str | Path, base: bool):
+    """The run's config, after checking the folder has what purification needs (before any model loads)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run folder '{run}' does not exist: pass run=<a folder written by erasure.train>")
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"'{run}' is not a run folder (no config.yaml): pass the folder that erasure.train wrote")
+    try:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(run / "config.yaml")
+    except Exception as exc:  # noqa: BLE001 -- any YAML/OmegaConf failure is a broken run folder
+        raise UserError(f"'{run / 'config.yaml'}' is not a readable config ({type(exc).__name__}): re-run training") from None
+    if not OmegaConf.is_dict(cfg) or "model" not in cfg:
+        raise UserError(f"'{run / 'config.yaml'}' has no `model` section: pass a folder written by erasure.train")
+    if not base and not (run / "delta.safetensors").is_file():
+        raise UserError(f"run folder '{run}' has no delta.safetensors: training did not finish there (base=true purifies with the base model)")
+    return cfg

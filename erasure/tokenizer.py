@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 import importlib.util
 from pathlib import Path
 
@@ -66,3 +67,15 @@ def build_clip_tokenizer():
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
+
+
+def slim_tokenizer_files(folder: Path) -> None:
+    """Replace transformers' ``tokenizer.json`` (3.6 MB) by CLIP's ``vocab.json`` + ``merges.txt`` (1.4 MB).
+
+    ``CLIPTokenizer.from_pretrained`` builds the same tokenizer from them (same ids; tested), which keeps the two
+    copies (pipeline ``tokenizer/`` and the CLIP-score model's processor) inside the 40 MB budget.
+    """
+    vocab, merges = clip_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer.json").unlink(missing_ok=True)

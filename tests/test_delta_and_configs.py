@@ -137,6 +137,6 @@ def test_methods_are_found_in_a_checkout_that_was_never_installed(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
     monkeypatch.setattr(registry, "_METHODS", {})
     monkeypatch.setattr(registry, "_loaded", False)
-    for mod in ("erasure.ours", "baselines.esd", "baselines.sdd", "baselines.ablating", "baselines.fmn"):
+    for mod in ("erasure.allbutone.ours", "baselines.esd", "baselines.sdd", "baselines.ablating", "baselines.fmn"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
     assert registry.available() == ["ablating", "esd", "fmn", "ours", "sdd"]

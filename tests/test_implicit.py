@@ -7,9 +7,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from omegaconf import OmegaConf
 
-from erasure import implicit as p2p
+from erasure.allbutone import implicit as p2p
 from erasure.errors import UserError
-from erasure.ours import AllButOne
+from erasure.allbutone.ours import AllButOne
 from tests.conftest import compose_cfg
 from tests.test_ours import _method
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from erasure.ours import OursConfig, concept_and_penalty, instruction_delta, percentile_mask, resolve_window
+from erasure.allbutone.ours import OursConfig, concept_and_penalty, instruction_delta, percentile_mask, resolve_window
 from erasure.params import select_params
 from tests.conftest import compose_cfg
 
@@ -83,7 +83,7 @@ def test_delta_window_warmup_and_sum_by_hand():
 def _method(overrides=()):
     from erasure.method import TrainContext
     from erasure.models import load_models
-    from erasure.ours import AllButOne
+    from erasure.allbutone.ours import AllButOne
     from erasure.teacher import Teacher
 
     cfg = compose_cfg(["model=tiny", "concept=nudity", *overrides])

@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from erasure import purify
+from erasure.allbutone import purify
 from erasure.toyworld import world
 from tests.conftest import compose_cfg, run_cli
 from tests.test_eval_generate import make_run

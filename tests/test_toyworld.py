@@ -142,7 +142,7 @@ def test_base_model_meets_the_shape_gate_on_a_small_sample():
 
     from erasure.generation import Sampler, generate
     from erasure.models import load_models
-    from erasure.toyworld.check import accuracies, prompt_grid
+    from erasure.toyworld.quality import accuracies, prompt_grid
     from erasure.toyworld.detector import load_detector
 
     models = load_models(OmegaConf.create({"name": "toyworld", "kind": "pretrained", "path": str(MODEL)}), "cpu")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models import SD_SCHEDULER_CONFIG
-from ..tokenizer import build_clip_tokenizer
+from ..tokenizer import build_clip_tokenizer, slim_tokenizer_files
 from . import world
 
 log = logging.getLogger(__name__)
@@ -219,20 +219,6 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer) -> None:
     slim_tokenizer_files(out / "tokenizer")
 
 
-def slim_tokenizer_files(folder: Path) -> None:
-    """Replace transformers' ``tokenizer.json`` (3.6 MB) by CLIP's ``vocab.json`` + ``merges.txt`` (1.4 MB).
-
-    ``CLIPTokenizer.from_pretrained`` builds the same tokenizer from them (same ids; tested), which keeps the two
-    copies (pipeline ``tokenizer/`` and the CLIP-score model's processor) inside the 40 MB budget.
-    """
-    from ..tokenizer import clip_vocab_and_merges
-
-    vocab, merges = clip_vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    (folder / "tokenizer.json").unlink(missing_ok=True)
-
-
 def scaled(recipe: dict, scale: float) -> dict:
     """The recipe with every step count multiplied by ``scale`` (smoke runs)."""
     out = json.loads(json.dumps(recipe))
@@ -343,7 +329,7 @@ def main(argv=None) -> None:
     write_record(model_dir, record)
     log.info("built the toy world in %.1f min: %s", record["wall_time_s"] / 60, out)
     if not args.skip_check:
-        from .check import run_check
+        from .quality import run_check
 
         kw = {} if args.check_per_combo is None else {"per_combo": args.check_per_combo}
         quality = run_check(model_dir=model_dir, clip_dir=clip_dir, detector_path=out / "detector.safetensors", **kw)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..tokenizer import build_clip_tokenizer
+from ..tokenizer import build_clip_tokenizer, slim_tokenizer_files
 from . import world
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,6 @@ def train_clip(out_dir: str | Path, steps: int = 1500, batch: int = 128, seed: i
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
     build_processor().save_pretrained(out_dir)
-    from .build import slim_tokenizer_files
-
     slim_tokenizer_files(out_dir)
     acc = retrieval_accuracy(model, tok, seed=20_000 + seed)
     log.info("tiny CLIP held-out zero-shot accuracy: shape %.4f, colour %.4f", acc["shape"], acc["color"])

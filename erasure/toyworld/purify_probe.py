@@ -7,11 +7,10 @@ model remove the erased concept from *real* images, while the base model merely 
 
 Renders ``n`` images of the run's probe concept with :mod:`erasure.toyworld.world` (``concept.probe``: e.g.
 circles, colours cycled through every colour of the world; or, for a colour concept, that colour cycled
-through every shape), from a fixed seed. Each image is purified (:func:`erasure.purify.purify_images`) with the
+through every shape), from a fixed seed. Each image is purified (:func:`erasure.allbutone.purify.purify_images`) with the
 base model and with the erased model, under each prompt (default: the null text and the concept's first
 target, the paper's two conditions). Reports the detector's concept rate (share of purified images in which
-:mod:`erasure.toyworld.detector` still sees the concept) and the mean SSIM to the input (``eval.metrics``'
-SSIM: colour-channel mean, data range 255, the paper's 25/512 window scaled to the side). Printed as one JSON
+:mod:`erasure.toyworld.detector` still sees the concept) and the mean SSIM to the input (:mod:`erasure.measures.ssim`: colour-channel mean, data range 255, the paper's 25/512 window scaled to the side). Printed as one JSON
 line and returned as a dict. When the model is not built (``erasure/toyworld/model/`` missing), the probe
 skips: it logs why and returns ``{"skipped": "<reason>"}`` (exit code 0 from the command line).
 """
@@ -95,9 +94,9 @@ def purify_probe(run: str | Path | None = None, model=None, n: int = 20, seed: i
     ``conf/model`` name or a YAML path, for the base model alone. Returns ``{"skipped": reason}`` when the
     model is not built.
     """
-    from ..delta import apply_delta
+    from ..allbutone.purify import DEFAULT_STEPS, as_uint8_images, purify_images
+    from ..delta import apply_delta, check_run_folder
     from ..models import load_models
-    from ..purify import DEFAULT_STEPS, as_uint8_images, check_run_folder, purify_images
     from .detector import load_detector
 
     if run is None and model is None:

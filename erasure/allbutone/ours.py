@@ -19,7 +19,7 @@ Prompt-to-Prompt") delta is instead gamma1 (eps*_sup(z, c) - eps*(z, c)), where 
 cross-attention probabilities of the target's words re-weighted as in Prompt-to-Prompt (Hertz et al. 2022), inside
 ``method.implicit.window`` and after the warm-up: the guidance target becomes gamma1 (eps*_sup(z, c) - eps*(z, ∅))
 there, and z_t is sampled with the same delta. The instruction concepts are not used. Mechanism, defaults and
-sources: erasure/implicit.py.
+sources: erasure/allbutone/implicit.py.
 
 Sign of delta: Algorithm 1 adds delta to the guidance target (line 11) and to the sampling epsilon (line 7);
 Eq. 13 prints "- gamma1(...) + delta" inside the norm, i.e. the opposite sign on delta. We follow Algorithm 1,
@@ -37,12 +37,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+from ..method import BaseMethodConfig, ErasureMethod
+from ..registry import register
+from ..sampling import eps_all, sample_to_step
+from ..teacher import student_eps
 from . import implicit as p2p
-from .errors import UserError
-from .method import BaseMethodConfig, ErasureMethod
-from .registry import register
-from .sampling import eps_all, sample_to_step
-from .teacher import student_eps
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class AllButOne(ErasureMethod):
         """The sampler's conditions [∅, c, extra...] for samples with these targets, and the epsilon function.
 
         Explicit: the instruction concepts follow, through the plain teacher. Implicit: c again, carrying its
-        P2P equalizer, through the teacher that switches the re-weighting on for those rows (erasure/implicit.py).
+        P2P equalizer, through the teacher that switches the re-weighting on for those rows (erasure/allbutone/implicit.py).
         """
         conds = [self.emb_uncond, self.emb_targets[target_index]]
         if not self.implicit:

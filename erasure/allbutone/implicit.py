@@ -4,7 +4,7 @@ Paper, "Implicit Erasing Signal" (and Supplementary, "Implicit guidance with Pro
 from x_T to x_t with Prompt-to-Prompt and suppress the respective attention maps of our erasing tokens. Then,
 we can obtain grad log P_phi(c'|x_t), which incorporates the 'overwriting' concept". With
 eps*_sup(z, c) the teacher's epsilon for the target prompt c with those attention maps suppressed, ``method=ours
-method.signal=implicit`` uses (erasure/ours.py)
+method.signal=implicit`` uses (erasure/allbutone/ours.py)
 
     delta(z) = gamma1 (eps*_sup(z, c) - eps*(z, c))     inside ``method.implicit.window`` and after the warm-up,
 
@@ -27,7 +27,7 @@ application, number of timesteps to apply" as the sources of instability and giv
   cross-attention layer; a regex on module names (``re.search``) selects a subset;
 * window ``method.implicit.window`` = [0, 0.8] of T: P2P's re-weighting examples apply the equalizer for the
   first ``cross_replace_steps=0.8`` of the steps from noise; here the bounds are floored and inclusive, counted in
-  steps taken from x_T like the instruction windows (erasure/ours.py, resolve_window), and the warm-up applies too;
+  steps taken from x_T like the instruction windows (erasure/allbutone/ours.py, resolve_window), and the warm-up applies too;
 * words ``method.implicit.words`` = the target prompt's own text (every token of it, BOS/EOS excluded); name the
   word to suppress, e.g. ``[circle]`` for the target "a circle", to leave the article alone.
 
@@ -58,7 +58,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
