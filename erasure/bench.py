@@ -22,19 +22,17 @@ from pathlib import Path
 import torch
 
 from . import registry
-from .cli import CONF_DIR, setup_logging
+from .cli import setup_logging
+from .config import CONF_DIR, compose
 from .errors import exit_on_user_error
 from .models import load_models
-from .trainer import Session, TeacherBank, seed_everything
+from .session import Session, TeacherBank, seed_everything
 
 log = logging.getLogger("erasure.bench")
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose(overrides)
 
 
 def peak_rss_mb() -> float:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
+from .config import compose, group_options, validate
 from .errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "method", "concept", "params", "logger", "trainer")
 GROUP_WORD = {"params": "parameter subset"}
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def check_group_overrides(argv: list[str]) -> None:
@@ -70,14 +65,14 @@ def _hydra_flags_and_overrides(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def precheck_train_args(argv: list[str], max_jobs: int = 64) -> None:
-    """Compose and validate the configs a command line asks for, before Hydra starts any job.
+    """Compose and validate the configs a command line asks for, before Hydra starts any job (or makes a folder).
 
-    Unknown keys, bad values, and (for ``-m``) every value of every sweep are checked here, so that a typo
-    ends in one sentence instead of a Hydra trace, and a sweep fails before its first job, not at its 30th.
+    Unknown keys, bad values, and (for ``-m``) every value of every sweep are checked here, so that a typo ends in
+    one sentence instead of a Hydra trace, and a sweep fails before its first job, not at its 30th. The job does not
+    check its config again (:func:`erasure.config.validate` remembers the configs it passed in this process).
     """
     import itertools
 
-    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -96,14 +91,14 @@ def precheck_train_args(argv: list[str], max_jobs: int = 64) -> None:
         key = text.split("=", 1)[0]
         choices.append([text if v is None else f"{key}={v}" for v in values])
     combos = list(itertools.islice(itertools.product(*choices), max_jobs)) if choices else [()]
-    from .trainer import validate
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for combo in combos:
-            try:
-                cfg = compose(config_name="train", overrides=list(combo))
-            except (HydraException, OmegaConfBaseException) as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise UserError(f"{first.rstrip('.')}: check the spelling of the key or value (`python -m erasure.train --cfg job` prints the config)") from None
-            if not cfg.get("resume"):
-                validate(cfg)
+    for combo in combos:
+        try:
+            cfg = compose(list(combo))
+        except (HydraException, OmegaConfBaseException) as exc:
+            first = str(exc).strip().splitlines()[0].rstrip(".")
+            cause = str(exc.__cause__ or "").strip().splitlines()
+            if cause and cause[0] not in first:  # e.g. a typed schema's "Value 'abc' ... could not be converted"
+                first = f"{first} ({cause[0].rstrip('.')})"
+            raise UserError(f"{first}: check the spelling of the key or value (`python -m erasure.train --cfg job` prints the config)") from None
+        if not cfg.get("resume"):
+            validate(cfg)

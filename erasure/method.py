@@ -67,6 +67,7 @@ class ErasureMethod:
     name: str = ""
     Config: type = BaseMethodConfig
     default_params: str = "to_out"  # documentation; the yaml's defaults list selects conf/params/<this>
+    shortcuts: dict[str, str] = {}  # top-level config keys this method reads (erasure.config.SHORTCUTS) -> its field
 
     def __init__(self, cfg: Any, ctx: TrainContext):
         self.cfg = cfg
@@ -89,6 +90,10 @@ class ErasureMethod:
             raise UserError(f"method.iterations must be at least 1, got {cfg.iterations}")
         if cfg.lr <= 0:
             raise UserError(f"method.lr must be positive, got {cfg.lr}")
+
+    @classmethod
+    def validate_concept(cls, concept: DictConfig) -> None:
+        """Check the concept settings only this method reads (e.g. All but One's instruction concepts)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Parameters the optimizer updates."""

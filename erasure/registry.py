@@ -1,66 +1,73 @@
-"""Method registry: name -> method class. The core finds methods here and never imports one by name.
+"""Registries by name: erasure methods and model probes. The core finds them here and never imports one by name.
 
-Methods register themselves with :func:`register`; modules that define methods are listed as Python
-entry points in the group ``erasure.methods`` (pyproject.toml) and imported on first lookup, so a
-third-party package can add a method without touching this code.
+A module registers its classes with a decorator (:func:`register` for a method, :func:`register_probe` for a
+probe). The modules that do so are listed as Python entry points (pyproject.toml: groups ``erasure.methods`` and
+``erasure.probes``) and imported on the first lookup, so a third-party package can add a method or a probe without
+touching this code. Registering a name twice is an error; asking for an unknown name says which ones exist.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import logging
 import tomllib
 from pathlib import Path
 
 from .errors import UserError
 
-log = logging.getLogger(__name__)
-_METHODS: dict[str, type] = {}
-_loaded = False
-ENTRY_POINT_GROUP = "erasure.methods"
 
+class Registry:
+    """Name -> class, filled by the modules of one entry-point group on first use."""
 
-def register(name: str):
-    """Class decorator: register an erasure method under ``name`` (twice is an error)."""
+    def __init__(self, kind: str, group: str):
+        self.kind, self.group = kind, group
+        self._items: dict[str, type] = {}
+        self._loaded = False
 
-    def deco(cls):
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method '{name}' is already registered by {_METHODS[name].__module__}")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
+    def register(self, name: str):
+        """Class decorator: register ``cls`` under ``name`` (sets ``cls.name``)."""
 
-    return deco
+        def deco(cls):
+            if name in self._items and self._items[name] is not cls:
+                raise ValueError(f"{self.kind} '{name}' is already registered by {self._items[name].__module__}")
+            cls.name = name
+            self._items[name] = cls
+            return cls
 
+        return deco
 
-def _load_entry_points() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-    for ep in eps:
-        ep.load()
-    if not eps:  # a source checkout that was never pip-installed (e.g. on a GPU box): the same table, from pyproject
-        for module in _pyproject_entry_points():
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        eps = list(importlib.metadata.entry_points(group=self.group))
+        modules = [ep.value.split(":")[0] for ep in eps] or _pyproject_entry_points(self.group)
+        for module in modules:  # a source checkout never pip-installed (e.g. on a GPU box): the pyproject table
             importlib.import_module(module)
 
+    def available(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
 
-def _pyproject_entry_points() -> list[str]:
+    def get(self, name: str) -> type:
+        self._load()
+        if name not in self._items:
+            raise UserError(f"unknown {self.kind} '{name}': choose one of {', '.join(sorted(self._items))}")
+        return self._items[name]
+
+
+def _pyproject_entry_points(group: str) -> list[str]:
     path = Path(__file__).resolve().parent.parent / "pyproject.toml"
     if not path.is_file():
         return []
     table = tomllib.loads(path.read_text()).get("project", {}).get("entry-points", {})
-    return [str(v).split(":")[0] for v in table.get(ENTRY_POINT_GROUP, {}).values()]
+    return [str(v).split(":")[0] for v in table.get(group, {}).values()]
 
 
-def available() -> list[str]:
-    _load_entry_points()
-    return sorted(_METHODS)
+METHODS = Registry("method", "erasure.methods")
+PROBES = Registry("probe", "erasure.probes")
 
-
-def get_method(name: str) -> type:
-    _load_entry_points()
-    if name not in _METHODS:
-        raise UserError(f"unknown method '{name}': choose one of {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+register = METHODS.register
+get_method = METHODS.get
+available = METHODS.available
+register_probe = PROBES.register
+get_probe = PROBES.get

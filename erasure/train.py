@@ -9,12 +9,11 @@ from omegaconf import DictConfig
 
 from .cli import precheck_train_args
 from .errors import UserError, fail
+from .trainer import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from .trainer import train
-
     try:
         train(cfg, HydraConfig.get().runtime.output_dir)
     except UserError as exc:

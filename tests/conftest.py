@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -19,8 +18,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def compose_cfg(overrides: list[str] | None = None, config_name: str = "train"):
     """The config `python -m erasure.train <overrides>` would see (without Hydra's runtime keys)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides or []))
+    from erasure.config import compose
+
+    return compose(overrides, config_name)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,9 @@ from erasure.method import TrainContext
 from erasure.models import load_models
 from erasure.params import select_params
 from erasure.teacher import Teacher
-from erasure.trainer import seed_everything, train, validate
+from erasure.config import validate
+from erasure.session import seed_everything
+from erasure.trainer import train
 from tests.conftest import compose_cfg
 
 # tiny anchor / reference sets so that the methods that generate images start in well under a second

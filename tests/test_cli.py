@@ -51,3 +51,17 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, override, words):
     assert len(lines) == 1, r.stderr
     assert words in lines[0] and "Traceback" not in r.stderr
     assert not (run / "delta.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["esd", "sdd", "ablating", "fmn"])
+def test_lambda_is_all_but_ones_and_every_other_method_refuses_it(tmp_path, method):
+    """`lambda=` is All but One's penalty weight: any other method stops with one sentence and exit code 2, before
+    Hydra makes the run folder (it used to be accepted and silently ignored)."""
+    run = tmp_path / "run"
+    r = run_cli(["-m", "erasure.train", "model=tiny", "concept=nudity", f"method={method}", "lambda=3",
+                 f"hydra.run.dir={run}"])
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert lines == [f"error: lambda=3 does not apply to method '{method}': it is a setting of method=ours; "
+                     "remove lambda= from the command line"], r.stderr
+    assert not run.exists()

@@ -104,19 +104,22 @@ def test_every_config_file_composes(group):
             registry.get_method(cfg.method.name).parse_config(cfg.method)
 
 
-def test_method_yaml_matches_its_schema_defaults():
+def test_method_defaults_have_one_source_the_schema():
+    """A method's yaml names its schema and parameter subset and holds no value of its own: the composed method
+    config is exactly the schema's defaults (the dataclass, where each default cites its source)."""
     from erasure import registry
 
     for option in sorted(p.stem for p in (CONF / "method").glob("*.yaml")):
+        own = OmegaConf.load(CONF / "method" / f"{option}.yaml")
+        assert set(own) == {"defaults"}, f"conf/method/{option}.yaml sets {sorted(set(own) - {'defaults'})}"
+        assert f"{option}_schema" in list(own.defaults), option
         cfg = compose_cfg([f"method={option}"])
-        cls = registry.get_method(cfg.method.name)
-        parsed = cls.parse_config(cfg.method)
-        schema = cls.Config()
-        for key in OmegaConf.to_container(cfg.method, resolve=False):
-            if key in ("lam",):
-                continue
-            assert getattr(parsed, key) == pytest.approx(getattr(schema, key)) if isinstance(getattr(schema, key), float) \
-                else getattr(parsed, key) == getattr(schema, key), f"{option}.{key}: yaml and schema disagree"
+        cls = registry.get_method(option)
+        assert OmegaConf.to_container(cfg.method, resolve=True) == \
+            OmegaConf.to_container(OmegaConf.structured(cls.Config), resolve=True), option
+    own = OmegaConf.load(CONF / "trainer" / "default.yaml")  # the trainer's only own value is the interpolation
+    assert set(own) == {"defaults", "iterations"}
+    assert OmegaConf.to_container(own, resolve=False)["iterations"] == "${method.iterations}"
 
 
 def test_generate_on_a_folder_that_is_no_run_is_refused(tmp_path):
@@ -135,8 +138,8 @@ def test_methods_are_found_in_a_checkout_that_was_never_installed(monkeypatch):
     from erasure import registry
 
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
-    monkeypatch.setattr(registry, "_METHODS", {})
-    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry.METHODS, "_items", {})
+    monkeypatch.setattr(registry.METHODS, "_loaded", False)
     for mod in ("erasure.allbutone.ours", "baselines.esd", "baselines.sdd", "baselines.ablating", "baselines.fmn"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
     assert registry.available() == ["ablating", "esd", "fmn", "ours", "sdd"]

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from eval.generate import image_name
+from eval.cache import image_name
 from eval.prompts import load_prompt_set
 from tests.conftest import PROMPT_DATA, ROOT, compose_cfg
 
@@ -50,10 +50,11 @@ def generated(cache: Path) -> list[Path]:
 
 
 def evaluation(run: Path, cache: Path, *extra: str):
-    from eval.run import Evaluation, compose_eval_cfg
+    from eval.config import compose
+    from eval.evaluation import Evaluation
 
-    cfg = compose_eval_cfg([f"run={run}", f"cache_dir={cache}", "device=cpu", "suite.prompt_sets.objects.n=3", *extra])
-    return Evaluation.from_cfg(cfg)
+    cfg = compose("run", [f"run={run}", f"cache_dir={cache}", "device=cpu", "suite.prompt_sets.objects.n=3", *extra])
+    return Evaluation(cfg)
 
 
 def test_second_run_generates_nothing_and_base_is_shared(runs, tmp_path):

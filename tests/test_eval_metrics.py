@@ -312,6 +312,40 @@ def test_registry_directions_and_errors():
         metrics.get_metric("fdi")
 
 
+def test_reported_keys_resolve_to_one_registered_metric():
+    """The probe's and the runs' keys (summary.json, probe.jsonl, eval.<name>) name registered metrics; the base
+    model's `_before` values and unregistered numbers do not."""
+    for key in ("concept_rate", "concept_rate_after", "eval.concept_rate"):
+        assert metrics.resolve(key).name == "concept_rate"
+    assert metrics.resolve("train_time_s").name == "train_time" and metrics.resolve("eval.ssim").name == "ssim"
+    for key in ("concept_rate_before", "ssim_preserved_std", "seed", "s_per_it", "step"):
+        assert metrics.resolve(key) is None, key
+    for key, hib in (("ssim_preserved", True), ("ssim_target", True), ("preserved_accuracy_after", True),
+                     ("preserved_color_accuracy_after", True), ("replacement_rate_after", True)):
+        assert metrics.resolve(key).higher_is_better is hib and metrics.resolve(key).fn is None, key
+    assert metrics.heading("concept_rate_after") == "Concept rate ↓"
+    assert metrics.heading("eval.concept_rate") == "Concept rate (eval) ↓"
+    assert metrics.heading("preserved_accuracy") == "Shape acc. (other prompts) ↑"
+    assert metrics.heading("iterations") == "Iterations"
+    assert metrics.get_metric("kid").format(0.0224308832) == "0.02243" and metrics.get_metric("iterations").format(2.0) == "2"
+    with pytest.raises(UserError, match="names no registered metric"):
+        metrics.heading("seed")
+
+
+def test_tables_show_what_the_registry_says():
+    """Table 1 keeps its columns (no probe metric); the sweep and the frontier show the probe's numbers."""
+    from eval.tables import shown_in
+
+    assert shown_in("table1", metrics.available_metrics()) == [
+        "nudenet", "concept_rate", "fid", "kid", "clip", "ssim", "train_time", "iterations"]
+    assert shown_in("frontier", ["step", "ssim_target", "preserved_color_accuracy", "ssim_preserved", "concept_rate",
+                                 "preserved_accuracy"]) == ["concept_rate", "ssim_preserved", "preserved_accuracy",
+                                                            "ssim_target"]
+    assert shown_in("sweep", ["iterations", "concept_rate_before", "train_time_s", "eval.concept_rate",
+                              "concept_rate_after", "ssim_preserved"]) == [
+        "concept_rate_after", "eval.concept_rate", "train_time_s", "ssim_preserved"]
+
+
 # ------------------------------------------------------------------------------------------ concept rate
 class _RenderEval:
     kind = "run"

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from erasure.errors import UserError
 from eval.prompts import PromptRow, load_prompt_set
-from eval.run import compose_eval_cfg, suite_options
+from eval.config import compose, suite_options
 from tests.conftest import PROMPT_DATA
 
 
@@ -77,7 +77,7 @@ def test_list_and_errors():
 @pytest.mark.parametrize("suite", ["tiny", "toyworld", "sd14"])
 def test_every_suite_composes(suite):
     assert suite in suite_options()
-    cfg = compose_eval_cfg([f"suite={suite}"])
+    cfg = compose("run", [f"suite={suite}"])
     assert set(cfg.suite.metrics) >= {"fid", "kid", "ssim", "train_time"}
     for name, node in cfg.suite.metrics.items():
         from eval.metrics import get_metric
@@ -85,13 +85,13 @@ def test_every_suite_composes(suite):
         get_metric(name)
         if node and "prompts" in node:
             assert node.prompts in cfg.suite.prompt_sets
-    cfg = compose_eval_cfg([], config_name="table1")
+    cfg = compose("experiment/table1", [])
     assert cfg.suite.name == "toyworld" and cfg.out == "outputs/table1"
 
 
 def test_unknown_suite_is_one_line():
     with pytest.raises(UserError, match="unknown suite 'sd15': choose one of"):
-        compose_eval_cfg(["suite=sd15"])
+        compose("run", ["suite=sd15"])
 
 
 def test_eval_run_cli_errors_are_one_line(tmp_path):

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from erasure.errors import UserError
-from eval.report import build_table, load_records, to_latex, write_report
+from eval.experiment import report
+from eval.render import marks, to_latex
+from eval.tables import load_records, table1
 from tests.conftest import run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "table1_golden.md"
@@ -41,13 +43,12 @@ def write_records(tmp_path) -> list[Path]:
 
 
 def test_markdown_matches_golden(tmp_path):
-    records = load_records(write_records(tmp_path))
-    paths = write_report(records, tmp_path / "out", title="Golden")["paths"]
+    paths = report(write_records(tmp_path), tmp_path / "out", title="Golden")["paths"]
     assert paths["md"].read_text(encoding="utf-8") == GOLDEN.read_text(encoding="utf-8")
 
 
 def test_csv_uses_registry_names_and_raw_values(tmp_path):
-    paths = write_report(load_records(write_records(tmp_path)), tmp_path / "out")["paths"]
+    paths = report(write_records(tmp_path), tmp_path / "out")["paths"]
     rows = list(csv.reader(paths["csv"].open()))
     assert rows[0] == ["system", "kind", "nudenet", "fid", "kid", "clip", "ssim", "train_time", "iterations"]
     assert [r[0] for r in rows[1:]] == ["SD v1.4", "ESD", "SDD", "Ablating", "Ours", "COCO"]
@@ -55,8 +56,7 @@ def test_csv_uses_registry_names_and_raw_values(tmp_path):
 
 
 def test_latex_marks(tmp_path):
-    table = build_table(load_records(write_records(tmp_path)))
-    tex = to_latex(table, "Golden")
+    tex = to_latex(table1(load_records(write_records(tmp_path)), "Golden"))
     assert r"\textbf{13.19}" in tex and r"\underline{13.68}" in tex and r"\textbf{0.2762}" in tex
     assert r"\textbf{0.2765}" not in tex and r"\underline{0.2765}" not in tex  # base model is an oracle
     assert tex.count(r"\textbf{0.762}") == 2  # tie at the displayed precision: both bold
@@ -64,11 +64,12 @@ def test_latex_marks(tmp_path):
 
 
 def test_rank_oracles_ranks_base_too(tmp_path):
-    table = build_table(load_records(write_records(tmp_path)), rank_oracles=True)
-    systems = [r["system"] for r in table["rows"]]
-    assert table["marks"][(systems.index("SD v1.4"), "clip")] == "best"
-    assert table["marks"][(systems.index("Ours"), "clip")] == "second"
-    assert (systems.index("COCO"), "clip") not in table["marks"]
+    table = table1(load_records(write_records(tmp_path)), rank_oracles=True)
+    systems = [r.labels["system"] for r in table.rows]
+    ranked = marks(table)
+    assert ranked[(systems.index("SD v1.4"), "clip")] == "best"
+    assert ranked[(systems.index("Ours"), "clip")] == "second"
+    assert (systems.index("COCO"), "clip") not in ranked
 
 
 def test_report_cli_and_missing_eval(tmp_path):
@@ -82,3 +83,84 @@ def test_report_cli_and_missing_eval(tmp_path):
     assert proc.returncode == 2 and "no eval.json" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(UserError):
         load_records([])
+
+
+# ------------------------------------------------------------------------------------- the one renderer, by hand
+def _stats_table():
+    from eval.render import Row, Stat, Table
+
+    rows = [Row({"system": "base", "kind": "base"}, {"fid": Stat(10.0, 0.0, 2), "clip": Stat(0.9, 0.0, 2)}, "base"),
+            Row({"system": "A", "kind": "run"}, {"fid": Stat(20.004, 1.234, 2), "clip": Stat(0.50001, 0.01, 2),
+                                                 "iterations": Stat(200, 0, 2)}),
+            Row({"system": "B", "kind": "run"}, {"fid": Stat(19.996, 0.5, 2), "clip": Stat(0.5, 0.02, 2),
+                                                 "iterations": Stat(35, 0, 2)}),
+            Row({"system": "C", "kind": "run"}, {"fid": Stat(25.0, 2.0, 1), "clip": Stat(0.4, 0.0, 1)})]
+    return Table({"system": "System", "kind": None}, ["fid", "clip", "iterations"], rows, "T", "A note.", cell_n=True)
+
+
+def test_mean_std_table_by_hand():
+    """FID lower and CLIP higher is better; 20.004 and 19.996 (0.50001 and 0.5) tie at the displayed precision and are
+    both best, the next distinct value is second; the base model is an oracle; one seed shows no ±; iterations unranked."""
+    from eval.render import to_csv, to_latex, to_markdown
+
+    table = _stats_table()
+    assert to_markdown(table) == (
+        "**T**\n\n"
+        "| System | FID ↓ | CLIP score ↑ | Iterations |\n"
+        "|---|---:|---:|---:|\n"
+        "| base | 10.00 ± 0.00 | 0.9000 ± 0.0000 | – |\n"
+        "| A | **20.00 ± 1.23** | **0.5000 ± 0.0100** | 200 ± 0 |\n"
+        "| B | **20.00 ± 0.50** | **0.5000 ± 0.0200** | 35 ± 0 |\n"
+        "| C | <u>25.00</u> | <u>0.4000</u> | – |\n\n"
+        "Best in **bold**, second <u>underlined</u> (methods only; base model and reference are oracles).\n\n"
+        "A note.\n")
+    assert to_csv(table).splitlines() == [
+        "system,kind,fid,fid_std,fid_n,clip,clip_std,clip_n,iterations,iterations_std,iterations_n",
+        "base,base,10.0,0.0,2,0.9,0.0,2,,,", "A,run,20.004,1.234,2,0.50001,0.01,2,200,0,2",
+        "B,run,19.996,0.5,2,0.5,0.02,2,35,0,2", "C,run,25.0,2.0,1,0.4,0.0,1,,,"]
+    tex = to_latex(table)
+    assert r"System & FID $\downarrow$ & CLIP score $\uparrow$ & Iterations \\" in tex
+    assert r"A & \textbf{20.00 $\pm$ 1.23} & \textbf{0.5000 $\pm$ 0.0100} & 200 $\pm$ 0 \\" in tex
+    assert r"C & \underline{25.00} & \underline{0.4000} & -- \\" in tex
+    assert r"base & 10.00 $\pm$ 0.00 & 0.9000 $\pm$ 0.0000 & -- \\" + "\n" + r"\midrule" in tex  # oracle row apart
+
+
+def test_sweep_table_takes_probe_keys_from_the_registry():
+    """Keys as runs report them (probe after training, a run's evaluation, the summary's train time) get their label,
+    arrow, format and direction from the registry; every row is a run, so all are ranked."""
+    from eval.render import to_csv, to_markdown
+    from eval.tables import sweep_table
+
+    def row(lam, rate, ssim, ev, t):
+        r = {"setting": {"lambda": lam}, "n": 2, "concept_rate_after": rate[0], "concept_rate_after_std": rate[1],
+             "ssim_preserved": ssim[0], "ssim_preserved_std": ssim[1], "train_time_s": t[0], "train_time_s_std": t[1]}
+        return r if ev is None else {**r, "eval.ssim": ev[0], "eval.ssim_std": ev[1]}
+
+    data = {"varied": ["lambda"], "metrics": ["concept_rate_after", "ssim_preserved", "eval.ssim", "train_time_s"],
+            "rows": [row(0, (0.5, 0.1), (0.8, 0.02), (0.7, 0.01), (12.34, 1.0)),
+                     row(5, (0.1, 0.05), (0.9, 0.01), (0.7004, 0.0), (10.06, 0.2)),
+                     row(10, (0.1004, 0.0), (0.85, 0.0), None, (15.0, 0.0))]}
+    table = sweep_table(data)
+    assert to_markdown(table) == (
+        "| lambda | seeds | Concept rate ↓ | SSIM to base (other prompts) ↑ | SSIM (eval) ↑ | Train time (s) ↓ |\n"
+        "|---|---|---:|---:|---:|---:|\n"
+        "| 0 | 2 | <u>0.500 ± 0.100</u> | 0.800 ± 0.020 | **0.700 ± 0.010** | <u>12.3 ± 1.0</u> |\n"
+        "| 5 | 2 | **0.100 ± 0.050** | **0.900 ± 0.010** | **0.700 ± 0.000** | **10.1 ± 0.2** |\n"
+        "| 10 | 2 | **0.100 ± 0.000** | <u>0.850 ± 0.000</u> | – | 15.0 ± 0.0 |\n\n"
+        "Best in **bold**, second <u>underlined</u>.\n")
+    assert to_csv(table).splitlines()[0] == ("lambda,n,concept_rate_after,concept_rate_after_std,ssim_preserved,"
+                                             "ssim_preserved_std,eval.ssim,eval.ssim_std,train_time_s,train_time_s_std")
+    assert to_csv(table).splitlines()[3] == "10,2,0.1004,0.0,0.85,0.0,,,15.0,0.0"
+
+
+def test_frontier_table_ranks_training_points_not_the_base_model():
+    from eval.render import to_markdown
+    from eval.tables import frontier_table
+
+    rows = [dict(method="ours", step=0, n=2, concept_rate=1.0, concept_rate_std=0.0, ssim_preserved=1.0, ssim_preserved_std=0.0),
+            dict(method="ours", step=2, n=2, concept_rate=0.25, concept_rate_std=0.05, ssim_preserved=0.9, ssim_preserved_std=0.01),
+            dict(method="esd", step=2, n=1, concept_rate=0.0, concept_rate_std=0.0, ssim_preserved=0.5, ssim_preserved_std=0.0)]
+    assert to_markdown(frontier_table(rows)).splitlines()[:5] == [
+        "| method | iteration | seeds | Concept rate ↓ | SSIM to base (other prompts) ↑ |", "|---|---|---|---:|---:|",
+        "| ours | 0 | 2 | 1.000 ± 0.000 | 1.000 ± 0.000 |",
+        "| ours | 2 | 2 | <u>0.250 ± 0.050</u> | **0.900 ± 0.010** |", "| esd | 2 | 1 | **0.000** | <u>0.500</u> |"]

@@ -88,7 +88,8 @@ def test_esd_with_teacher_sampling_trains_the_same_delta_batched(tmp_path):
     """ESD's esd_sd.py option (z_t sampled by the frozen base) batches its trajectories; train-esd.py's student
     sampling cannot, and stays one at a time (the bank is not used)."""
     from erasure.models import load_models
-    from erasure.trainer import Session, validate
+    from erasure.config import validate
+    from erasure.session import Session
 
     deltas = {}
     for n in (1, 4):

@@ -110,7 +110,7 @@ def test_load_models_reads_the_packaged_folder():
 
 @pytest.mark.parametrize("concept", ["circle", "red", "circle_to_square"])
 def test_toy_concepts_compose_and_validate(concept):
-    from erasure.trainer import validate
+    from erasure.config import validate
 
     cfg = compose_cfg(["model=toyworld", f"concept={concept}", "method=ours"])
     validate(cfg)

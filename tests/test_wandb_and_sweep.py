@@ -95,7 +95,10 @@ def test_sweep_means_and_stds_over_seeds(tmp_path):
         assert math.isclose(row["concept_rate_after"], statistics.mean(rates), abs_tol=1e-12)
         assert math.isclose(row["concept_rate_after_std"], statistics.stdev(rates), abs_tol=1e-12)
         assert math.isclose(row["ssim_preserved"], statistics.mean(1 - r / 2 for r in rates), abs_tol=1e-12)
-    assert "| 5.0 | 3 | 0.700 ± 0.100 |" in (tmp_path / "sweep.md").read_text()
+    md = (tmp_path / "sweep.md").read_text()  # headers and marks from the registry: rate lower, SSIM higher is better
+    assert "| lambda | seeds | Concept rate ↓ | SSIM to base (other prompts) ↑ |" in md
+    assert "| 0.0 | 3 | **0.100 ± 0.100** | **0.950 ± 0.050** |" in md
+    assert "| 5.0 | 3 | <u>0.700 ± 0.100</u> | <u>0.650 ± 0.050</u> |" in md
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "unfinished" in done.stderr  # said, and left out
 

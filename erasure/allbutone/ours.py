@@ -50,17 +50,37 @@ SIGNALS = ("explicit", "implicit", "none")
 
 
 @dataclasses.dataclass
+class Instruction:
+    """One instruction concept of ``concept.instructions`` (paper, Training Setup and Supplementary Eq. 23)."""
+
+    text: str = "???"  # the concept's text, e.g. "sexual", "bikini"
+    guidance: float = "???"  # type: ignore[assignment]  # g: negative steers away, positive towards
+    window: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1.0])  # [low, high], fractions of T
+    kappa: float = "???"  # type: ignore[assignment]  # percentile threshold of beta (SEGA), in (0, 1]
+
+
+@dataclasses.dataclass
+class InstructionConcepts:
+    instructions: list[Instruction] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class OursConfig(BaseMethodConfig):
     name: str = "ours"
     iterations: int = 200  # paper, Training Setup: "200 steps of update"
     lr: float = 1e-5  # paper, Training Setup: AdamW, learning rate 1e-5
     adam_eps: float = 1e-8  # paper, Training Setup: adam epsilon 1.0e-8
     weight_decay: float = 0.01  # not stated in the paper: torch.optim.AdamW's default
-    gamma1: float = 7.5  # paper, Training Setup: gamma1 = gamma2 = 7.5
-    gamma2: float = 7.5
+    grad_clip: float | None = None  # the paper clips nothing
+    gamma1: float = 7.5  # paper, Training Setup: gamma1 = 7.5 (guidance of the teacher's target and sampler)
+    gamma2: float = 7.5  # paper, Training Setup: gamma2 = 7.5 (scale of the student's guidance term)
     T: int = 35  # paper, Training Setup: DDIM with T = 35
-    warmup: int = 5  # paper, Training Setup: t_warmup = 5 (in steps taken from x_T; see conf/method/ours.yaml)
-    lam: float = 5.0  # paper, Training Setup: lambda = 5 (interpolated from the top-level `lambda`)
+    # Warm-up and instruction windows count denoising steps taken from pure noise x_T (0 at x_T), as SEGA's
+    # warm-up does: only then do the paper's t_warmup = 5 (t >= t_warmup) and window floor(0.35T) <= t <= T read
+    # coherently ('high' is the noisier bound). The training step t ~ U{1..T} of Algorithm 1 is converted to the
+    # same count, T - t, before the window and warm-up are applied.
+    warmup: int = 5  # paper, Training Setup: t_warmup = 5
+    lam: float = 5.0  # paper, Training Setup: lambda = 5 (set with the top-level shortcut `lambda=`)
     signal: str = "explicit"  # the erasing signal delta: explicit (instruction concepts), implicit (P2P) or none
     implicit: p2p.ImplicitConfig = dataclasses.field(default_factory=p2p.ImplicitConfig)  # signal=implicit only
 
@@ -115,6 +135,7 @@ def resolve_window(window, T: int) -> tuple[int, int]:
 class AllButOne(ErasureMethod):
     Config = OursConfig
     default_params = "to_out"  # paper, Supplementary "Parameter Selection"
+    shortcuts = {"lambda": "lam"}  # `lambda=5` on the command line, as the paper names it
 
     @classmethod
     def validate(cls, cfg: OursConfig) -> None:
@@ -126,6 +147,20 @@ class AllButOne(ErasureMethod):
         if cfg.signal not in SIGNALS:
             raise UserError(f"method.signal must be 'explicit', 'implicit' or 'none', got '{cfg.signal}'")
         p2p.validate_implicit(cfg.implicit)
+
+    @classmethod
+    def validate_concept(cls, concept) -> None:
+        """The concept's instruction concepts C_I (``concept.instructions``), each {text, guidance, window, kappa}."""
+        from ..config import check
+
+        nodes = concept.get("instructions") or []
+        for inst in check("concept", {"instructions": nodes}, InstructionConcepts, extra_ok=False).instructions:
+            if not 0 < float(inst.kappa) <= 1:
+                raise UserError(f"instruction concept '{inst.text}' has kappa {inst.kappa}: kappa must be in (0, 1]")
+            lo, hi = (float(x) for x in inst.window)
+            if len(inst.window) != 2 or not 0 <= lo <= hi <= 1:
+                raise UserError(f"instruction concept '{inst.text}' has window {list(inst.window)}: use fractions of T "
+                                "with 0 <= low <= high <= 1")
 
     def __init__(self, cfg: OursConfig, ctx):
         super().__init__(cfg, ctx)

@@ -1,4 +1,5 @@
-"""Erasure probe of the toy world, called by the trainer after training (``model.probe``).
+"""Erasure probe of the toy world, registered as the probe ``toyworld`` (``model.probe: toyworld``): the trainer
+calls it after training (``summary.json``) and at the points of the erasure curve (``trainer.probe_points``).
 
 Generates the concept's probe prompts with the base and the erased UNet (same seeds, the model's
 sampler settings) and asks the detector: how often the erased concept still appears on target
@@ -23,6 +24,7 @@ import numpy as np
 from ..errors import UserError
 from ..generation import default_sampler, generate
 from ..measures.ssim import ssim_pairs, ssim_window
+from ..registry import register_probe
 from .detector import load_detector
 
 log = logging.getLogger(__name__)
@@ -107,3 +109,18 @@ def curve_point(models, cfg, params, seeds: int, base_params=None, cache: dict |
             cache["base_images"] = base[0]
         point.update(_ssim_to_base(cfg, images[0], cache["base_images"], seeds))
     return point
+
+
+@register_probe("toyworld")
+class ToyWorldProbe:
+    """The trainer's view of this module: ``summary`` after training, ``point`` along it (base images cached)."""
+
+    def __init__(self, models, cfg):
+        self.models, self.cfg = models, cfg
+        self.cache: dict = {}
+
+    def summary(self, base_params, erased_params) -> dict:
+        return erasure_summary(self.models, self.cfg, base_params, erased_params)
+
+    def point(self, params, seeds: int, base_params=None) -> dict:
+        return curve_point(self.models, self.cfg, params, seeds, base_params=base_params, cache=self.cache)

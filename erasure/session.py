@@ -1,0 +1,166 @@
+"""One erasure run's optimisation state: the trainable subset, the frozen teacher, the method, AdamW, and one
+optimizer step. :func:`erasure.trainer.train` runs the loop around it; ``erasure.bench`` times it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from .checkpoint import rng_state, set_rng_state
+from .errors import UserError
+from .method import TrainContext
+from .models import Models, resolve_dtype
+from .params import count, select_params
+from .teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class TeacherBank:
+    """Teacher work done ahead in batches (``trainer.teacher_batch``), consumed one iteration at a time.
+
+    The randomness of the next n iterations is drawn in the order the one-at-a-time loop draws it, so
+    ``teacher_batch=n`` and ``teacher_batch=1`` see the same z_t and targets (up to float rounding of
+    batched kernels).
+    """
+
+    def __init__(self, method, size: int, last_step: int):
+        self.method, self.size, self.last_step = method, size, last_step
+        self.queue: list[dict] = []
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        if not self.queue:
+            n = min(self.size, self.last_step - step + 1)
+            self.queue = self.method.teacher_work([self.method.draw(s) for s in range(step, step + n)])
+        return self.method.student_loss(self.queue.pop(0))
+
+
+def precision_context(device: torch.device, dtype: torch.dtype):
+    """Mixed precision on GPU (autocast to bf16/fp16: frozen and teacher evaluations run in low precision while
+    trained parameters, gradients and optimizer state stay fp32); plain fp32 on CPU."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class Session:
+    """Everything one erasure run optimizes: trainable subset, teacher, method, optimizer, step function."""
+
+    cfg: DictConfig
+    models: Models
+    trainable: dict[str, torch.nn.Parameter]
+    teacher: Teacher
+    method: object
+    optimizer: torch.optim.Optimizer
+    step_fn: object
+    precision: torch.dtype
+    setup_time: float
+
+    @classmethod
+    def create(cls, cfg: DictConfig, models: Models, method_cls, method_cfg) -> "Session":
+        tr = cfg.trainer
+        trainable = select_params(models.unet, cfg.params)
+        for p in trainable.values():
+            p.requires_grad_(True)
+        precision = resolve_precision(str(tr.get("precision", "auto")), models.device)
+        if precision != torch.float32:
+            # frozen UNet weights in low precision (memory, bandwidth); trained ones stay fp32
+            with torch.no_grad():
+                for name, p in models.unet.named_parameters():
+                    if name not in trainable:
+                        p.data = p.data.to(precision)
+        teacher_mode = str(tr.get("teacher_precision", "autocast"))  # autocast | pure (erasure.config.validate)
+        # pure: the frozen teacher runs entirely in the low precision (no per-op fp32 norms/casts); CPU stays fp32
+        teacher = Teacher(models.unet, trainable, precision if teacher_mode == "pure" and precision != torch.float32 else None)
+        n_unet = sum(p.numel() for p in models.unet.parameters())
+        log.info("training %s: %.2fM of %.2fM UNet parameters (params=%s); the teacher holds only a frozen copy of "
+                 "those (%.1f MB instead of %.1f MB for a full UNet copy)", method_cls.name, count(trainable) / 1e6,
+                 n_unet / 1e6, cfg.params.name, teacher.numel() * 4 / 2**20, n_unet * 4 / 2**20)
+        if tr.get("compile"):
+            models.unet.compile()  # torch.compile through nn.Module.compile (experimental; GPU)
+        generator = torch.Generator("cpu").manual_seed(int(tr.seed))
+        ctx = TrainContext(models=models, trainable=trainable, teacher=teacher, concept=cfg.concept, cfg=cfg,
+                           generator=generator)
+        setup_start = time.perf_counter()
+        with precision_context(models.device, precision):
+            method = method_cls(method_cfg, ctx)  # a method's own preparation (e.g. anchor images) is timed apart
+        setup_time = time.perf_counter() - setup_start
+        lr = method.learning_rate()
+        lr_scale = float(cfg.model.get("lr_scale", 1.0))
+        if lr_scale != 1.0:  # a model tier's uniform factor on every method's learning rate (conf/model/toyworld.yaml)
+            log.info("learning rate %.3g x model.lr_scale %g = %.3g", lr, lr_scale, lr * lr_scale)
+            lr *= lr_scale
+        optimizer = torch.optim.AdamW(method.parameters(), lr=lr, betas=tuple(method_cfg.adam_betas),
+                                      eps=method_cfg.adam_eps, weight_decay=method_cfg.weight_decay)
+        teacher_batch = int(tr.get("teacher_batch", 1))
+        step_fn = TeacherBank(method, teacher_batch, int(tr.iterations)) \
+            if teacher_batch > 1 and method.supports_teacher_bank else method.training_step
+        return cls(cfg, models, trainable, teacher, method, optimizer, step_fn, precision, setup_time)
+
+    def state(self, step: int) -> dict:
+        """Everything a resumed run needs to continue exactly (see erasure/checkpoint.py)."""
+        opt = self.optimizer.state_dict()
+        return {
+            "params": {n: p.detach() for n, p in self.trainable.items()},
+            "optimizer": {"state": opt["state"], "param_groups": opt["param_groups"]},
+            "rng": {**rng_state(), "method_generator": self.method.ctx.generator.get_state()},
+            "method": self.method.state_dict(),
+            "bank": list(self.step_fn.queue) if isinstance(self.step_fn, TeacherBank) else [],
+        }
+
+    def restore(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.trainable[name].copy_(value)
+        opt = state["optimizer"]
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt["param_groups"]]
+        self.optimizer.load_state_dict({"state": {int(k): v for k, v in opt["state"].items()}, "param_groups": groups})
+        set_rng_state(state["rng"])
+        self.method.ctx.generator.set_state(state["rng"]["method_generator"])
+        self.method.load_state_dict(state["method"])
+        if isinstance(self.step_fn, TeacherBank):
+            device = self.models.device
+            self.step_fn.queue = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in w.items()} for w in state["bank"]]
+
+    def autocast(self):
+        return precision_context(self.models.device, self.precision)
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns the (detached) loss terms. Stops on a non-finite term."""
+        with self.autocast():
+            terms = self.step_fn(step)
+        for name, value in sorted(terms.items(), key=lambda kv: kv[0] == "loss"):  # name a component before the total
+            if not torch.isfinite(value).all():
+                raise UserError(f"loss term '{name}' became {value.item()} at step {step}: lower the learning rate "
+                                f"(method.lr) or check the inputs; the run stopped")
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        clip = getattr(self.method.cfg, "grad_clip", None)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip)
+        self.optimizer.step()
+        self.method.after_step(step)
+        return {k: v.detach().float() for k, v in terms.items()}
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``trainer.precision``: auto = bf16 autocast on CUDA where supported, float32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.float32
+    return resolve_dtype(name, device, key="trainer.precision")

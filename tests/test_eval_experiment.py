@@ -1,0 +1,133 @@
+"""The shape of eval/: experiments build every training command in one place (train_job), and the package's imports
+keep library and entry points apart (no cycles, no entry point imported, no method imported)."""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+
+import pytest
+
+from eval import experiment
+from eval.config import compose
+from tests.conftest import ROOT
+
+EVAL = ROOT / "eval"
+ENTRY_POINTS = {"eval.run", "eval.generate", "eval.report", "eval.table1", "eval.results", "eval.sweep", "eval.figures"}
+TINY = ["model=tiny", "concept=nudity", "suite=tiny", "methods=[ours]",
+        'train_overrides="trainer.iterations=2 trainer.preview_every=0"', '++method_overrides.ours="method.T=6"']
+
+
+class _Stop(Exception):
+    pass
+
+
+def _jobs(monkeypatch, name: str, overrides: list[str]):
+    """The jobs an experiment hands to training, and the jobs train_job made (training itself is stopped)."""
+    made, handed = [], []
+    real = experiment.train_job
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    def stop(jobs, n_jobs, reuse):
+        handed.extend(jobs)
+        raise _Stop
+
+    monkeypatch.setattr(experiment, "train_job", recording)
+    monkeypatch.setattr(experiment, "run_training", stop)
+    with pytest.raises(_Stop):
+        experiment.run(compose(name, overrides), command="test")
+    assert handed == made  # every job that trains was made by train_job
+    return handed
+
+
+def test_both_experiments_build_their_commands_in_train_job(tmp_path, monkeypatch):
+    common = [sys.executable, "-m", "erasure.train", "method=ours", "model=tiny", "concept=nudity", "trainer.iterations=2",
+              "trainer.preview_every=0", "method.T=6"]
+    (job,) = _jobs(monkeypatch, "experiment/table1", [*TINY, f"out={tmp_path / 't'}"])
+    assert job.command == [*common, f"hydra.run.dir={tmp_path / 't' / 'runs' / 'ours'}"]
+    assert job.config.trainer.iterations == 2 and job.config.method.T == 6  # the config erasure.train will compose
+
+    jobs = _jobs(monkeypatch, "experiment/results", [*TINY, f"out={tmp_path / 'r'}", "seeds=[0,1]", "lambdas=[0,5]",
+                                                     "probe_points=1", "probe_seeds=1"])
+    assert [j.name for j in jobs] == ["ours seed=0", "ours seed=1", "ours lambda=0 seed=0", "ours lambda=0 seed=1",
+                                      "ours lambda=5 seed=0", "ours lambda=5 seed=1"]
+    assert jobs[1].command == [*common, "trainer.seed=1", "trainer.probe_points=1", "trainer.probe_seeds=1",
+                               f"hydra.run.dir={tmp_path / 'r' / 'table1' / 'seed1' / 'runs' / 'ours'}"]
+    assert jobs[4].command == [*common, "lambda=5", "trainer.seed=0", f"hydra.run.dir={tmp_path / 'r' / 'lambda' / 'lambda5_seed0'}"]
+
+
+def test_a_bad_training_override_stops_before_any_training(tmp_path):
+    from erasure.errors import UserError
+
+    with pytest.raises(UserError, match="training 'ours'"):
+        experiment.run(compose("experiment/table1", [*TINY, f"out={tmp_path}", 'train_overrides="trainer.nosuch=1"']), "test")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_training_command_is_written_once_in_eval():
+    hits = [p.name for p in sorted(EVAL.glob("*.py")) for _ in re.finditer(r'"erasure\.train"', p.read_text())]
+    assert hits == ["experiment.py"]
+
+
+# --------------------------------------------------------------------------------------------------- imports
+def _module(path) -> str:
+    return "eval" if path.stem == "__init__" else f"eval.{path.stem}"
+
+
+def _imports(path) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every import statement in the file, relative imports made absolute."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
+            if node.level:  # from . import x / from .x import y
+                base = "eval" + (f".{node.module}" if node.module else "")
+                out += [(f"{base}.{n}", []) for n in names if f"{base}.{n}".removeprefix("eval.") in MODULES] \
+                    if not node.module else [(base, names)]
+            else:
+                out.append((node.module, names))
+    return out
+
+
+MODULES = {p.stem for p in EVAL.glob("*.py")}
+
+
+def test_eval_layout():
+    files = {_module(p): p for p in EVAL.glob("*.py")}
+    entry = {m for m, p in files.items() if '__name__ == "__main__"' in p.read_text()}
+    assert entry == ENTRY_POINTS
+    graph = {}
+    for m, p in files.items():
+        imports = _imports(p)
+        deps = {mod for mod, _ in imports}
+        graph[m] = {d for d in deps if d in files}
+        assert not (graph[m] & entry), f"{m} imports an entry point: {graph[m] & entry}"
+        if m not in entry:
+            assert "erasure.cli" not in deps, f"{m} is a library module and imports erasure.cli"
+        methods = [d for d in deps if d.startswith(("baselines", "erasure.ours", "erasure.implicit", "erasure.purify",
+                                                    "erasure.allbutone"))]
+        assert not methods, f"{m} imports a method: {methods}"
+        atomic = [mod for mod, names in imports if {"write_text_atomic", "atomic_write", "atomic_folder"} & set(names)]
+        assert set(atomic) <= {"erasure.io"}, f"{m} takes atomic writes from {atomic}"
+    for m in entry:  # argument parsing, logging set-up and one call: a main() and nothing else
+        tree = ast.parse(files[m].read_text())
+        assert [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))] == ["main"], m
+
+    state: dict[str, int] = {}
+
+    def visit(m, path):  # depth-first search for a cycle in eval's own imports
+        state[m] = 1
+        for d in graph[m]:
+            assert state.get(d) != 1, "import cycle: " + " -> ".join([*path, m, d])
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
