@@ -44,11 +44,16 @@ class ESDConfig(BaseMethodConfig):
     iterations: int = 1000  # train-esd.py: --iterations default 1000
     lr: float = 1e-5  # train-esd.py: --lr default 1e-5
     adam_eps: float = 1e-8  # torch.optim.Adam default (train-esd.py: torch.optim.Adam(parameters, lr=lr))
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # torch.optim.Adam default betas (train-esd.py passes none)
     weight_decay: float = 0.0  # torch.optim.Adam default: no weight decay
+    grad_clip: float | None = None  # train-esd.py: no gradient clipping
     eta: float = 1.0  # train-esd.py: --negative_guidance default 1
     start_guidance: float = 3.0  # train-esd.py: --start_guidance default 3
     ddim_steps: int = 50  # train-esd.py: --ddim_steps default 50
-    sampler: str = "student"  # who samples z_t: student (train-esd.py, esd_diffusers.py) | teacher (esd_sd.py)
+    # Who samples z_t. student: train-esd.py (quick_sample_till_t uses `model`, the one being trained) and
+    # esd_diffusers.py (`with finetuner:`); teacher: esd_sd.py (`pipe.unet = base_unet`). Default student,
+    # because train-esd.py produced the released models that papers (All but One included) compare against.
+    sampler: str = "student"
 
 
 def esd_loss(student_c: torch.Tensor, teacher_u: torch.Tensor, teacher_c: torch.Tensor, eta: float) -> torch.Tensor:
