@@ -23,7 +23,8 @@ install: .venv/.installed ## create .venv (if missing) and install everything
 demo: install ## install if needed, then run the main job on the default model
 	$(PY) -m erasure.train method=ours lambda=5
 
-test: install ## install if needed, then run the test suite (slow tests excluded)
+test: install ## install if needed, then check the import contracts and run the test suite (slow tests excluded)
+	.venv/bin/lint-imports
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-slow: install ## the slow tests only
