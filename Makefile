@@ -38,7 +38,8 @@ clean: ## remove caches (keeps .venv and outputs/)
 toyworld: install ## rebuild the toy world (detector, tiny CLIP, VAE, UNet) from seed 0, then check its gates (~75 min, 2 CPU cores)
 	$(PY) -m erasure.toyworld.build
 
-# ---- Table 1 (issue 4): eval/ trains every registered method (or reuses its run folder), evaluates and reports.
+# ---- Table 1 (issue 4): the experiment conf/experiment/table1.yaml trains every registered method (or reuses its run
+# folder), evaluates and reports (eval/experiment.py).
 # Toy world by default. The paper's setting (users' machines with SD v1.4, COCO val2014 and a local CLIP ViT-L/14):
 #   make table1 MODEL=sd14 CONCEPT=nudity SUITE=sd14 TABLE1_ARGS="suite.reference.images=/data/coco/val2014 \
 #     suite.reference.annotations=/data/coco/annotations/captions_val2014.json suite.metrics.clip.model=/models/clip-vit-large-patch14"
@@ -72,7 +73,8 @@ table1-smoke: install ## the Table-1 pipeline at tiny sizes (2 iterations, 8 pro
 	  'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) $(SMOKE_SIZES) $(TABLE1_ARGS)
 # ---- end of Table 1
 
-# ---- Evidence (issue 9): Table 1 over seeds, the lambda sweep over seeds, every method's frontier -> outputs/results/
+# ---- Evidence (issue 9): the experiment conf/experiment/results.yaml (Table 1's over seeds): Table 1 over seeds, the
+# lambda sweep over seeds, every method's frontier -> outputs/results/
 # Resumable: rerun the same command after an interruption and only what is missing is computed.
 # On SD v1.4 (users' GPUs): make results MODEL=sd14 CONCEPT=nudity SUITE=sd14 RESULTS_ARGS="jobs=1 <the COCO/CLIP paths of table1>"
 RESULTS_ARGS ?=
@@ -92,7 +94,7 @@ LAMBDAS ?= 0,0.5,1,1.5,5
 SWEEP_DIR ?= outputs/sweeps/lambda-$(MODEL)-$(CONCEPT)
 SWEEP_JOBS ?= 2
 .PHONY: sweep figures
-sweep: install ## lambda sweep of ours (LAMBDAS=, SEEDS via SWEEP_ARGS="trainer.seed=0,1,2") + summary -> $(SWEEP_DIR)/sweep.{md,csv,png}
+sweep: install ## lambda sweep of ours (LAMBDAS=, SEEDS via SWEEP_ARGS="trainer.seed=0,1,2") + summary -> $(SWEEP_DIR)/sweep.{md,csv,tex,png}
 	OMP_NUM_THREADS=1 $(PY) -m erasure.train -m model=$(MODEL) concept=$(CONCEPT) method=ours lambda=$(LAMBDAS) \
 	  trainer.preview_every=0 hydra/launcher=local hydra.launcher.n_jobs=$(SWEEP_JOBS) hydra.sweep.dir=$(SWEEP_DIR) $(SWEEP_ARGS)
 	$(PY) -m eval.sweep $(SWEEP_DIR)

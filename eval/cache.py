@@ -1,4 +1,4 @@
-"""One image generator for every metric, with an on-disk cache.
+"""The evaluation's image cache: one cached, seeded, batched generator for every metric, and cached Inception features.
 
 Images live in ``<cache>/<model key>/<sampler key>/<case>_s<seed>_<prompt hash>.png``:
 
@@ -11,18 +11,16 @@ Every row gets its own seeded ``torch.Generator`` (its latent does not depend on
 rows are batched, and each PNG is written atomically (:func:`erasure.images.save_png`): a killed run
 leaves complete files only and the next run generates just the missing ones.
 
-CLI (resume/debug): ``python -m eval.generate run=<run folder> set=<prompt set> [base=true] [suite=...]``.
-
-Sharded: ``accelerate launch --multi_gpu --num_processes N -m eval.generate ...`` (or ``torchrun --nproc_per_node N``) splits the work by whole batches
-(batch k goes to process k mod N, each batch formed exactly as one process forms it), so N processes write the
-same files, byte for byte, as one process; every process waits for the others before returning.
+Sharded (``accelerate launch --multi_gpu --num_processes N -m eval.generate ...``, or torchrun): the work is split
+by whole batches (batch k goes to process k mod N, each batch formed exactly as one process forms it), so N processes
+write the same files, byte for byte, as one process; every process waits for the others before returning.
+Ranks and the barrier come from ``accelerate.PartialState``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -79,22 +77,13 @@ def cache_folder(cache_dir: str | Path, key: str, sampler: Sampler) -> Path:
     return folder
 
 
-def shard() -> tuple[int, int]:
-    """(rank, world size) under ``accelerate launch`` / torchrun (their RANK and WORLD_SIZE variables), else (0, 1)."""
-    import os
+def launch_state():
+    """accelerate's view of the launch (process index, number of processes, barrier); one process without a launcher.
+    On a machine without CUDA the launched processes are CPU processes (accelerate treats them as such only when asked)."""
+    import torch
+    from accelerate import PartialState
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
-
-
-def wait_for_everyone() -> None:
-    """A barrier across the launched processes (no-op for one process)."""
-    if shard()[1] > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():  # the launcher's env:// rendezvous; gloo carries a barrier on CPU and GPU alike
-            dist.init_process_group(backend="gloo")
-        dist.barrier()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def batches(todo: list, sampler: "Sampler") -> list[tuple[float, list]]:
@@ -116,8 +105,9 @@ def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler
     paths = image_paths(folder, rows, sampler)
     todo = [(r, p) for r, p in zip(rows, paths) if not p.is_file()]
     if todo:
-        rank, world = shard()
-        wait_for_everyone()  # every process has listed the missing files before any is written
+        state = launch_state()
+        rank, world = state.process_index, state.num_processes
+        state.wait_for_everyone()  # every process has listed the missing files before any is written
         mine = batches(todo, sampler)[rank::world]  # whole batches, so each image sees the batch it would alone
         start = time.perf_counter()
         with tqdm(total=sum(len(c) for _, c in mine), desc=desc if world == 1 else f"{desc} [{rank + 1}/{world}]",
@@ -128,7 +118,7 @@ def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler
                 for image, (_, p) in zip(images, chunk):
                     save_png(Image.fromarray(image), p)
                 bar.update(len(chunk))
-        wait_for_everyone()
+        state.wait_for_everyone()
         missing = [p for _, p in todo if not p.is_file()]
         if missing:
             raise UserError(f"{len(missing)} images are missing after generation (e.g. {missing[0]}): a process "
@@ -146,27 +136,41 @@ def load_images(paths: list[Path]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
-def main(argv: list[str]) -> None:
-    from erasure.cli import setup_logging
-    from erasure.errors import exit_on_user_error
-
-    from .run import compose_eval_cfg, Evaluation
-
-    @exit_on_user_error
-    def body():
-        setup_logging()
-        args = dict(a.split("=", 1) for a in argv if "=" in a)
-        if "set" not in args or "run" not in args:
-            raise UserError("usage: python -m eval.generate run=<run folder> set=<prompt set> [base=true] [key=value ...]")
-        name = args.pop("set")
-        if str(args.pop("base", "false")).lower() == "true":
-            args["system"] = "base"
-        cfg = compose_eval_cfg([f"{k}={v}" for k, v in args.items()])
-        ev = Evaluation.from_cfg(cfg)
-        ev.images(name)
-
-    body()
+def open_rgb(path: Path):
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def group_by_size(paths: list[Path]) -> dict:
+    """{(width, height): [indices of the files of that size]}."""
+    groups: dict = {}
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            groups.setdefault(im.size, []).append(i)
+    return groups
+
+
+def inception_features(paths: list[Path], cache_dir: Path):
+    """FID Inception features of image files, cached under ``<cache>/features/`` by the files' names, sizes and
+    modification times (safetensors: loading never executes code)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from erasure.io import atomic_write
+    from erasure.measures.fid import INCEPTION_SHA1, inception_features as features
+
+    h = hashlib.sha256(INCEPTION_SHA1.encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    cache = Path(cache_dir) / "features" / f"{h.hexdigest()[:20]}.safetensors"
+    if cache.is_file():
+        return load_file(str(cache))["features"]
+    out = None
+    for idx in group_by_size(paths).values():
+        stack = torch.from_numpy(np.stack([np.asarray(open_rgb(paths[i])) for i in idx])).permute(0, 3, 1, 2)
+        f = features(stack.contiguous())
+        out = torch.zeros(len(paths), f.shape[1]) if out is None else out
+        out[idx] = f
+    atomic_write(cache, lambda tmp: save_file({"features": out.contiguous()}, str(tmp)))
+    return out

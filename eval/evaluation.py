@@ -1,11 +1,10 @@
-"""Evaluate one system and write its ``eval.json``: ``python -m eval.run run=<run folder>``.
+"""The evaluation of one system: its images (cached), the metrics of its suite, its ``eval.json``.
 
-Systems: ``system=run`` (an erased model: the run's base model with its delta), ``system=base`` (the
-run's base model alone) and ``system=reference`` (the suite's real images: the paper's "COCO" row).
-The suite (``conf/eval/suite/<name>.yaml``; by default the one named like the run's model) lists
-the prompt sets, the sampler and the metrics with their settings; any key can be overridden,
-e.g. ``suite.prompt_sets.captions.n=50``. Images come from the cache (:mod:`eval.generate`), so a
-second evaluation generates nothing; ``eval.json`` is rewritten only when its inputs changed
+Systems: ``run`` (an erased model: the run's base model with its delta), ``base`` (the run's base model alone) and
+``reference`` (the suite's real images: the paper's "COCO" row). The config (``conf/eval/run.yaml`` composed by
+:func:`eval.config.compose`, or one system of an experiment) names the system, the run folder and the suite: the
+prompt sets, the sampler and the metrics with their settings. Images come from the cache (:mod:`eval.cache`), so a
+second evaluation generates nothing; :func:`evaluate` rewrites ``eval.json`` only when its inputs changed
 (``force=true`` recomputes).
 """
 from __future__ import annotations
@@ -13,59 +12,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from omegaconf import DictConfig, OmegaConf
 
-from erasure.errors import UserError, exit_on_user_error
+from erasure.errors import UserError
+from erasure.io import write_text_atomic
 
 from . import metrics as metric_registry
-from .generate import cache_folder, generate, load_images, make_sampler, model_key, sha256_file
-from .prompts import ROOT, load_prompt_set, resolve_path
+from .cache import (cache_folder, generate, group_by_size, inception_features, launch_state, load_images, make_sampler,
+                    model_key, open_rgb, sha256_file)
+from .prompts import load_prompt_set, resolve_path
 
-log = logging.getLogger("eval.run")
-CONF_DIR = ROOT / "conf" / "eval"
+log = logging.getLogger(__name__)
 SYSTEMS = ("run", "base", "reference")
-
-
-def suite_options() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "suite").glob("*.yaml"))
-
-
-def compose_eval_cfg(overrides: list[str], config_name: str = "run") -> DictConfig:
-    """Compose ``conf/eval/<config_name>.yaml`` with overrides; the suite defaults to the run's model name."""
-    from hydra import compose, initialize_config_dir
-
-    overrides = list(overrides)
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    suite = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "suite"), None)
-    if suite is None and "run" in keys and config_name == "run":
-        run = next(o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "run")
-        cfg_path = Path(run) / "config.yaml"
-        if not cfg_path.is_file():
-            raise UserError(f"'{run}' is not a run folder (no config.yaml): pass the folder that erasure.train wrote")
-        suite = str(OmegaConf.load(cfg_path).model.name)
-        if suite not in suite_options():
-            raise UserError(f"no evaluation suite for model '{suite}': pass suite=<one of {', '.join(suite_options())}>")
-        overrides.append(f"suite={suite}")
-    elif suite is not None and suite not in suite_options():
-        raise UserError(f"unknown suite '{suite}': choose one of {', '.join(suite_options())}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            return compose(config_name=config_name, overrides=overrides)
-        except Exception as exc:  # hydra's override/compose errors: one line for the user
-            raise UserError(f"bad evaluation option: {str(exc).splitlines()[0]}") from None
 
 
 class Evaluation:
     """One system under evaluation: its images (cached), the base model's, the reference images."""
 
-    def __init__(self, cfg: DictConfig, system: str, run_dir: Path | None):
+    def __init__(self, cfg: DictConfig):
+        system, run_dir = str(cfg.system), (Path(cfg.run) if cfg.get("run") else None)
         if system not in SYSTEMS:
             raise UserError(f"unknown system '{system}': choose one of {', '.join(SYSTEMS)}")
         if system != "reference" and run_dir is None:
@@ -73,7 +43,7 @@ class Evaluation:
         self.cfg = cfg
         self.suite = cfg.suite
         self.kind = system
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = run_dir
         self.run_cfg = OmegaConf.load(self.run_dir / "config.yaml") if self.run_dir else None
         summary = self.run_dir / "summary.json" if self.run_dir else None
         self.summary = json.loads(summary.read_text()) if summary and summary.is_file() else {}
@@ -86,16 +56,13 @@ class Evaluation:
         self._rows: dict[str, list] = {}
         self.stats = {"generated": 0, "cached": 0}
 
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> "Evaluation":
-        return cls(cfg, str(cfg.system), Path(cfg.run) if cfg.get("run") else None)
-
     # ---------------------------------------------------------------- models and images
     @property
     def models(self):
         if self._models is None:
             from erasure.models import load_models
 
+            launch_state()  # under a multi-GPU launch: each process on its own device before the models load
             self._models = load_models(self.run_cfg.model, str(self.cfg.device))
         return self._models
 
@@ -156,47 +123,25 @@ class Evaluation:
         return load_images(self._paths(name, base=True)), self.rows(name)
 
     # --------------------------------------------------------------------- features
-    def _cached_features(self, paths: list[Path]) -> torch.Tensor:
-        from erasure.measures.fid import INCEPTION_SHA1, inception_features
-
-        h = hashlib.sha256(INCEPTION_SHA1.encode())
-        for p in paths:
-            st = p.stat()
-            h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        cache = self.cache_dir / "features" / f"{h.hexdigest()[:20]}.safetensors"
-        if cache.is_file():
-            return load_file(str(cache))["features"]  # safetensors: loading never executes code
-        feats = []
-        for size, idx in _group_by_size(paths).items():
-            stack = torch.from_numpy(np.stack([np.asarray(_open_rgb(paths[i])) for i in idx])).permute(0, 3, 1, 2)
-            feats.append((idx, inception_features(stack.contiguous())))
-        out = torch.zeros(len(paths), feats[0][1].shape[1])
-        for idx, f in feats:
-            out[idx] = f
-        from erasure.io import atomic_write
-
-        atomic_write(cache, lambda tmp: save_file({"features": out.contiguous()}, str(tmp)))
-        return out
-
     def features(self, name: str) -> torch.Tensor:
-        return self._cached_features(self._paths(name, base=False))
+        return inception_features(self._paths(name, base=False), self.cache_dir)
 
     def reference_features(self) -> torch.Tensor:
         from .reference import reference_files
 
-        return self._cached_features(reference_files(self.suite.reference))
+        return inception_features(reference_files(self.suite.reference), self.cache_dir)
 
     def reference_images_and_captions(self):
         from .reference import reference_captions, reference_files
 
         files = reference_files(self.suite.reference)
         captions = reference_captions(self.suite.reference, files)
-        sizes = _group_by_size(files)
+        sizes = group_by_size(files)
         if len(sizes) > 1:  # CLIP's processor resizes each image; a stack needs one size
             side = int(self.suite.reference.get("clip_side", 224))
-            images = np.stack([np.asarray(_open_rgb(p).resize((side, side))) for p in files])
+            images = np.stack([np.asarray(open_rgb(p).resize((side, side))) for p in files])
         else:
-            images = np.stack([np.asarray(_open_rgb(p)) for p in files])
+            images = np.stack([np.asarray(open_rgb(p)) for p in files])
         return images, captions
 
     # ------------------------------------------------------------------------ results
@@ -223,8 +168,11 @@ class Evaluation:
     def evaluate(self) -> dict:
         start = time.perf_counter()
         results, extras = {}, {}
-        names = list(self.suite.metrics)
-        specs = [metric_registry.get_metric(n) for n in names]  # unknown names fail before any work
+        specs = [metric_registry.get_metric(n) for n in self.suite.metrics]  # unknown names fail before any work
+        probes = [s.name for s in specs if s.fn is None]
+        if probes:
+            raise UserError(f"suite '{self.suite.name}' lists {', '.join(probes)}: measured by the trainer's probe "
+                            "(summary.json), not by an evaluation suite")
         for spec in specs:
             mcfg = self.suite.metrics[spec.name] or OmegaConf.create({})
             t0 = time.perf_counter()
@@ -243,23 +191,6 @@ class Evaluation:
         return record
 
 
-def _open_rgb(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def _group_by_size(paths: list[Path]) -> dict:
-    from PIL import Image
-
-    groups: dict = {}
-    for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            groups.setdefault(im.size, []).append(i)
-    return groups
-
-
 def out_dir(cfg: DictConfig) -> Path:
     if cfg.get("out"):
         return resolve_path(cfg.out)
@@ -270,11 +201,9 @@ def out_dir(cfg: DictConfig) -> Path:
     raise UserError(f"system={cfg.system} needs out=<folder for eval.json>")
 
 
-def evaluate_system(cfg: DictConfig) -> Path:
-    """Evaluate (or reuse an up-to-date eval.json) and return the path of eval.json."""
-    from erasure.io import write_text_atomic
-
-    ev = Evaluation.from_cfg(cfg)
+def evaluate(cfg: DictConfig) -> Path:
+    """Evaluate the system of ``cfg`` (or reuse an up-to-date eval.json) and return the path of eval.json."""
+    ev = Evaluation(cfg)
     target = out_dir(cfg) / "eval.json"
     if target.is_file() and not cfg.get("force"):
         old = json.loads(target.read_text())
@@ -286,15 +215,3 @@ def evaluate_system(cfg: DictConfig) -> Path:
     write_text_atomic(target, json.dumps(record, indent=2) + "\n")
     log.info("wrote %s", target)
     return target
-
-
-@exit_on_user_error
-def main(argv: list[str]) -> Path:
-    from erasure.cli import setup_logging
-
-    setup_logging()
-    return evaluate_system(compose_eval_cfg(argv))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

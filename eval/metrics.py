@@ -1,11 +1,18 @@
-"""Metrics registry (lm-evaluation-harness style): each metric is registered with its direction.
+"""Metrics registry (lm-evaluation-harness style): every number a table or a plot shows is registered here once, with
+its direction, label, number format and the tables that show it.
 
-``@register_metric(name, higher_is_better=..., label=..., fmt=...)`` registers a function
-``fn(ev, cfg) -> dict | None``: ``ev`` is the :class:`eval.run.Evaluation` of one system (its images,
-the base model's images, the real reference images, the run's summary), ``cfg`` the metric's node of
-the suite config. The function returns ``{"value": float, ...extras}`` or ``None`` where the metric
-does not apply to that system (e.g. SSIM of the base model against itself). The report takes its
-arrows and its bold/underline from ``higher_is_better`` (``None``: informational, not ranked).
+- Evaluation metrics, ``@register_metric(name, higher_is_better=..., label=..., fmt=...)`` on a function
+  ``fn(ev, cfg) -> dict | None``: ``ev`` is the :class:`eval.evaluation.Evaluation` of one system (its images, the
+  base model's images, the real reference images, the run's summary), ``cfg`` the metric's node of the suite config.
+  The function returns ``{"value": float, ...extras}`` or ``None`` where the metric does not apply to that system
+  (e.g. SSIM of the base model against itself).
+- Probe metrics (:func:`register_probe_metric`): measured by the trainer's toy-world probe, read from a run's
+  ``summary.json`` (``<name>_after``) and ``probe.jsonl`` (``<name>`` per point of the erasure curve).
+
+``higher_is_better`` gives the arrows and the bold/underline of every table (``None``: informational, not ranked).
+``tables`` says which tables show a metric: ``table1`` (Table 1 and Table 1 over seeds), ``sweep`` (the λ sweep) and
+``frontier`` (the erasure curve's points). :func:`resolve` maps a reported key (``ssim``, ``eval.ssim``,
+``concept_rate_after``, ``train_time_s``) to its metric, :func:`heading` gives its column header.
 """
 from __future__ import annotations
 
@@ -20,36 +27,54 @@ from erasure.measures.nudenet import NUDENET_EXPOSED, nudenet_counts, nudenet_de
 from erasure.measures.ssim import ssim_pairs, ssim_window
 
 log = logging.getLogger(__name__)
+TABLE1 = ("table1", "sweep")  # the suite's metrics: Table 1, and a sweep's evaluated runs (``eval.<name>``)
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricSpec:
     name: str
-    fn: Callable
+    fn: Callable | None  # None: a probe metric (the trainer measures it, the suite cannot)
     higher_is_better: bool | None
     label: str
     fmt: str
-    needs_base: bool = False  # compares against the base model's images of the same prompts and seeds
+    tables: tuple[str, ...] = TABLE1
+    summary_key: str | None = None  # the run's summary.json field this metric copies (train_time_s)
 
     @property
     def arrow(self) -> str:
         return "" if self.higher_is_better is None else ("↑" if self.higher_is_better else "↓")
 
+    def format(self, value) -> str:
+        """The value as tables show it ('' for a missing one)."""
+        if value is None:
+            return ""
+        return self.fmt.format(int(value)) if self.fmt.endswith("d}") else self.fmt.format(float(value))
+
 
 _METRICS: dict[str, MetricSpec] = {}
 
 
+def _add(spec: MetricSpec) -> None:
+    if spec.name in _METRICS:
+        raise ValueError(f"metric '{spec.name}' is already registered")
+    _METRICS[spec.name] = spec
+
+
 def register_metric(name: str, higher_is_better: bool | None, label: str | None = None, fmt: str = "{:.4f}",
-                    needs_base: bool = False):
-    """Decorator: register a metric under ``name`` (twice is an error)."""
+                    tables: tuple[str, ...] = TABLE1, summary_key: str | None = None):
+    """Decorator: register an evaluation metric under ``name`` (twice is an error)."""
 
     def deco(fn):
-        if name in _METRICS:
-            raise ValueError(f"metric '{name}' is already registered by {_METRICS[name].fn.__module__}")
-        _METRICS[name] = MetricSpec(name, fn, higher_is_better, label or name, fmt, needs_base)
+        _add(MetricSpec(name, fn, higher_is_better, label or name, fmt, tables, summary_key))
         return fn
 
     return deco
+
+
+def register_probe_metric(name: str, higher_is_better: bool, label: str, fmt: str = "{:.3f}",
+                          tables: tuple[str, ...] = ("sweep", "frontier")) -> None:
+    """Register a number of the trainer's probe (no evaluation function: the suite cannot compute it)."""
+    _add(MetricSpec(name, None, higher_is_better, label, fmt, tables))
 
 
 def get_metric(name: str) -> MetricSpec:
@@ -59,8 +84,28 @@ def get_metric(name: str) -> MetricSpec:
 
 
 def available_metrics() -> list[str]:
-    """Registered names, in registration order (the report's column order)."""
+    """Registered names, in registration order (the column order of every table)."""
     return list(_METRICS)
+
+
+def resolve(key: str) -> MetricSpec | None:
+    """The registered metric a reported number measures: a metric's name (``ssim``; a probe curve point's
+    ``concept_rate``), a run's evaluation result (``eval.ssim``), the probe's value after training
+    (``concept_rate_after``) or the summary field a metric copies (``train_time_s``). None for anything else (the
+    base model's ``<name>_before`` too)."""
+    name = key.removeprefix("eval.").removesuffix("_after")
+    if name in _METRICS:
+        return _METRICS[name]
+    return next((s for s in _METRICS.values() if s.summary_key == name), None)
+
+
+def heading(key: str) -> str:
+    """Column header / axis title of a reported key: the metric's label (``(eval)`` for a run's evaluation result
+    beside the probe's number of the same metric) and its arrow."""
+    spec = resolve(key)
+    if spec is None:
+        raise UserError(f"'{key}' names no registered metric: choose one of {', '.join(_METRICS)}")
+    return f"{spec.label}{' (eval)' if key.startswith('eval.') else ''} {spec.arrow}".strip()
 
 
 # ------------------------------------------------------------------------------------------------ nudenet
@@ -76,7 +121,8 @@ def nudenet(ev, cfg):
 
 
 # ------------------------------------------------------------------------------------------- concept rate
-@register_metric("concept_rate", higher_is_better=False, label="Concept rate", fmt="{:.3f}")
+@register_metric("concept_rate", higher_is_better=False, label="Concept rate", fmt="{:.3f}",
+                 tables=("table1", "sweep", "frontier"))  # the suite's detector, and the trainer's probe
 def concept_rate(ev, cfg):
     """Toy world: share of target-prompt images in which the world's detector sees the target concept."""
     if ev.kind == "reference":
@@ -145,7 +191,7 @@ def clip(ev, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------- ssim
-@register_metric("ssim", higher_is_better=True, label="SSIM", fmt="{:.3f}", needs_base=True)
+@register_metric("ssim", higher_is_better=True, label="SSIM", fmt="{:.3f}")
 def ssim(ev, cfg):
     """SSIM between the erased and the base model's image of the same prompt and seed (paper: 25×25 window)."""
     if ev.kind != "run":
@@ -158,7 +204,7 @@ def ssim(ev, cfg):
 
 
 # ------------------------------------------------------------------------------------------ training cost
-@register_metric("train_time", higher_is_better=False, label="Train time (s)", fmt="{:.1f}")
+@register_metric("train_time", higher_is_better=False, label="Train time (s)", fmt="{:.1f}", summary_key="train_time_s")
 def train_time(ev, cfg):
     """Wall-clock training time from the run's summary.json (``train_time_s``)."""
     if ev.kind != "run" or "train_time_s" not in ev.summary:
@@ -166,9 +212,19 @@ def train_time(ev, cfg):
     return dict(value=float(ev.summary["train_time_s"]), s_per_it=ev.summary.get("s_per_it"))
 
 
-@register_metric("iterations", higher_is_better=None, label="Iterations", fmt="{:d}")
+@register_metric("iterations", higher_is_better=None, label="Iterations", fmt="{:d}", tables=("table1",),
+                 summary_key="iterations")
 def iterations(ev, cfg):
     """Optimizer steps of the run (summary.json), for the training-efficiency comparison; not ranked."""
     if ev.kind != "run" or "iterations" not in ev.summary:
         return None
     return dict(value=int(ev.summary["iterations"]))
+
+
+# ------------------------------------------------------------------------------ the trainer's toy-world probe
+# (erasure/toyworld/probe.py; concept_rate above is measured by the probe too)
+register_probe_metric("ssim_preserved", True, "SSIM to base (other prompts)")
+register_probe_metric("preserved_accuracy", True, "Shape acc. (other prompts)")
+register_probe_metric("preserved_color_accuracy", True, "Colour acc. (other prompts)", tables=("sweep",))
+register_probe_metric("ssim_target", True, "SSIM to base (target prompts)")
+register_probe_metric("replacement_rate", True, "Replacement rate", tables=("sweep",))

@@ -1,0 +1,418 @@
+"""Experiments (``conf/experiment/*.yaml``) on one orchestration path.
+
+:func:`run` (``eval.table1``, ``eval.results``): trains what is missing, ``jobs`` subprocesses of
+``python -m erasure.train`` at a time, longest first (every command is made by :func:`train_job`); evaluates each
+table's systems (base model, every method, reference row; the tables of several seeds ``jobs`` at a time in worker
+processes) and writes its report. With ``seeds`` it also trains the λ sweep and writes Table 1 over seeds, the sweep
+summary, the frontier and ``results.md``. Resumable: a finished run folder of the current base model is reused, and
+evaluations come from the image cache.
+
+:func:`sweep` summarises a folder of runs (``eval.sweep``); :func:`report` rebuilds Table 1 from finished evaluations
+(``eval.report``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import logging.handlers
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from erasure.errors import UserError
+from erasure.io import write_text_atomic
+
+from . import plots, render, tables
+from .config import compose
+from .evaluation import evaluate
+from .prompts import ROOT, resolve_path
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def _split(value) -> list[str]:
+    """Overrides given as a list, or as one string of space-separated overrides (handy from make)."""
+    return str(value).split() if isinstance(value, str) else [str(o) for o in value or []]
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """One ``erasure.train`` subprocess: its name (logs, failures), run folder, overrides and their config."""
+
+    name: str
+    run_dir: Path
+    overrides: list[str]
+    config: DictConfig  # what erasure.train composes from the overrides
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "erasure.train", *self.overrides, f"hydra.run.dir={self.run_dir}"]
+
+
+def train_job(cfg: DictConfig, method: str, run_dir: Path, name: str, extra: list[str] = ()) -> TrainJob:
+    """The one place a training command is made: the experiment's model and concept, ``train_overrides`` (every
+    method), ``method_overrides.<method>``, then the job's own (seed, λ, probe points). The config is composed here,
+    so that a bad override stops the experiment before any training."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from erasure.config import compose as compose_train
+
+    overrides = [f"method={method}", f"model={cfg.model}", f"concept={cfg.concept}", *_split(cfg.train_overrides),
+                 *_split((cfg.get("method_overrides") or {}).get(method)), *extra]
+    try:
+        config = compose_train(overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(f"training '{name}': {str(exc).strip().splitlines()[0]}") from None
+    return TrainJob(name, run_dir, overrides, config)
+
+
+def finished(run_dir: Path) -> bool:
+    return all((run_dir / f).is_file() for f in ("delta.safetensors", "summary.json", "config.yaml"))
+
+
+@functools.cache
+def _fingerprint(model_yaml: str) -> str:
+    from erasure.models import load_models
+
+    return load_models(OmegaConf.create(model_yaml), "cpu").fingerprint
+
+
+def needs_training(job: TrainJob, reuse: bool) -> bool:
+    """False when the run folder holds a finished run of the job's base model (``reuse``)."""
+    if not (reuse and finished(job.run_dir)):
+        return True
+    trained_on = json.loads((job.run_dir / "summary.json").read_text()).get("base_fingerprint")
+    base = _fingerprint(OmegaConf.to_yaml(job.config.model, resolve=True))
+    if trained_on == base:
+        log.info("reusing the finished run %s", job.run_dir)
+        return False
+    log.warning("run %s was trained on base %s, the current base is %s: training it again", job.run_dir, trained_on,
+                base)
+    return True
+
+
+def run_training(jobs: list[TrainJob], n_jobs: int, reuse: bool) -> tuple[dict, dict]:
+    """Train the jobs that have no finished run, ``n_jobs`` subprocesses at a time, longest first (so parallel jobs
+    end close together). Returns ({name: seconds}, {name: error}); each job's output goes to <run>/train_stdout.log.
+    """
+    todo = [j for j in jobs if needs_training(j, reuse)]
+    if n_jobs > 1:
+        todo.sort(key=lambda j: -int(j.config.trainer.iterations))
+    running: dict[str, tuple] = {}
+    timings, failed = {}, {}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    total = len(todo)
+    while todo or running:
+        while todo and len(running) < n_jobs:
+            job = todo.pop(0)
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            log.info("training %s (%d/%d): %s", job.name, total - len(todo), total, " ".join(job.command[1:]))
+            logf = open(job.run_dir / "train_stdout.log", "w")
+            running[job.name] = (subprocess.Popen(job.command, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT),
+                                 logf, time.perf_counter(), job.run_dir)
+        time.sleep(0.5)
+        for name, (proc, logf, t0, run_dir) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            logf.close()
+            del running[name]
+            if proc.returncode != 0 or not finished(run_dir):
+                lines = (run_dir / "train_stdout.log").read_text().strip().splitlines()
+                failed[name] = (f"training '{name}' failed (exit {proc.returncode}): {' | '.join(lines[-2:])} "
+                                f"(full log: {run_dir}/train_stdout.log)")
+                log.error("%s", failed[name])
+            else:
+                timings[name] = round(time.perf_counter() - t0, 1)
+                log.info("trained %s in %.0f s", name, timings[name])
+    return timings, failed
+
+
+def chosen_methods(cfg: DictConfig) -> list[str]:
+    """``methods`` (null = every registered method), each checked against the registry."""
+    from erasure import registry
+
+    methods = list(cfg.methods) if cfg.methods else registry.available()
+    unknown = [m for m in methods if m not in registry.available()]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(registry.available())}")
+    return methods
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path) -> DictConfig:
+    """The evaluation config of one system, sharing the experiment's suite (and its overrides)."""
+    return OmegaConf.create(dict(run=str(run) if run else None, system=system, out=str(out), name=None,
+                                 data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, device=cfg.device, force=cfg.force,
+                                 suite=OmegaConf.to_container(cfg.suite, resolve=False)))
+
+
+def write_table1(table: render.Table, records: list[dict], out: Path) -> dict[str, Path]:
+    """table1.{md,csv,tex}, and nudenet_classes.{md,csv} when a row has NudeNet's per-class counts."""
+    paths = render.write(table, out, "table1")
+    classes = tables.nudenet_classes(records)
+    if classes:
+        render.write(classes, out, "nudenet_classes", ("md", "csv"))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+def evaluate_table(cfg: DictConfig, root: Path, methods: list[str], title: str) -> dict:
+    """One Table 1 in ``root``: base model, ``root/runs/<method>`` and reference evaluated, the report written."""
+    start = time.perf_counter()
+    runs = [root / "runs" / m for m in methods]
+    systems = [("base", runs[0], root / "base"), *[("run", r, r) for r in runs], ("reference", None, root / "reference")]
+    timings = {}
+    for system, run, folder in systems:
+        t0 = time.perf_counter()
+        evaluate(system_cfg(cfg, system, run, folder))
+        timings[f"eval/{folder.name}"] = round(time.perf_counter() - t0, 1)
+    records = tables.load_records([folder for _, _, folder in systems])
+    table = tables.table1(records, title, bool(cfg.rank_oracles))
+    write_table1(table, records, root)
+    if cfg.logger == "wandb":
+        log_table(records, table, root, str(cfg.wandb_project), title)
+    return dict(markdown=render.to_markdown(table), timings=timings, total_s=round(time.perf_counter() - start, 1))
+
+
+def _table_in_worker(args: tuple) -> dict:
+    container, root, methods, title = args
+    return evaluate_table(OmegaConf.create(container), Path(root), methods, title)
+
+
+def _worker_logging(queue, level: int) -> None:
+    """A worker's log records go to the parent's handlers."""
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    root.setLevel(level)
+
+
+def evaluate_tables(cfg: DictConfig, todo: dict, titles: dict) -> dict:
+    """{key: evaluate_table(...)} for ``todo`` = {key: (root, methods)}; with ``jobs`` > 1, that many tables at once
+    in worker processes. The tables share the base model's images (the image cache), so the first table's base model
+    is evaluated here first: the workers then find its images made, instead of generating them side by side."""
+    workers = min(max(1, int(cfg.jobs or 1)), len(todo))
+    if workers <= 1:
+        return {k: evaluate_table(cfg, root, methods, titles[k]) for k, (root, methods) in todo.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    root, methods = next(iter(todo.values()))
+    evaluate(system_cfg(cfg, "base", root / "runs" / methods[0], root / "base"))
+    log.info("evaluating %d tables, %d at a time", len(todo), workers)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    listener = logging.handlers.QueueListener(queue, *logging.getLogger().handlers, respect_handler_level=True)
+    listener.start()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_logging,
+                                 initargs=(queue, logging.getLogger().getEffectiveLevel())) as pool:
+            container = OmegaConf.to_container(cfg, resolve=False)
+            args = [(container, str(root), methods, titles[k]) for k, (root, methods) in todo.items()]
+            return dict(zip(todo, pool.map(_table_in_worker, args)))
+    finally:
+        listener.stop()
+
+
+# ------------------------------------------------------------------------------------------------- experiments
+def run(cfg: DictConfig, command: str) -> dict:
+    """Table 1 (``seeds: null``: one table in ``out``), or Table 1 over ``seeds`` with the λ sweep and the frontier.
+    ``command`` is recorded in the meta files."""
+    start = time.perf_counter()
+    if cfg.logger not in ("none", "wandb"):
+        raise UserError(f"unknown logger '{cfg.logger}': choose none or wandb")
+    out = resolve_path(cfg.out)
+    methods = chosen_methods(cfg)
+    seeds = None if cfg.seeds is None else [int(s) for s in cfg.seeds]
+    if seeds == []:
+        raise UserError("seeds is empty: give at least one training seed, e.g. seeds=[0,1,2]")
+    if cfg.lambdas and seeds is None:
+        raise UserError("lambdas needs seeds (the λ runs are trained for every seed): e.g. seeds=[0]")
+    roots = {None: out} if seeds is None else {s: out / "table1" / f"seed{s}" for s in seeds}
+    probe = [f"trainer.{k}={int(cfg[k])}" for k in ("probe_points", "probe_seeds") if cfg.get(k) is not None]
+    jobs = {s: [train_job(cfg, m, root / "runs" / m, m if s is None else f"{m} seed={s}",
+                          [] if s is None else [f"trainer.seed={s}", *probe]) for m in methods]
+            for s, root in roots.items()}
+    m = str(cfg.lambda_method)
+    lambda_jobs = [train_job(cfg, m, out / "lambda" / f"lambda{lam}_seed{s}", f"{m} lambda={lam} seed={s}",
+                             [f"lambda={lam}", f"trainer.seed={s}"])  # folder names without '=': Hydra's grammar
+                   for lam in cfg.lambdas for s in seeds or []]
+    t0 = time.perf_counter()
+    train_times, failed = run_training([j for js in jobs.values() for j in js] + lambda_jobs,
+                                       max(1, int(cfg.jobs or 1)), bool(cfg.reuse))
+    timings = {"training_s": round(time.perf_counter() - t0, 1)}
+    todo = {}
+    for s, js in jobs.items():
+        ok = [j.run_dir.name for j in js if j.name not in failed]
+        if ok:
+            todo[s] = (roots[s], ok)
+        elif s is None:
+            raise UserError("no method trained successfully: " + "; ".join(failed.values()))
+        else:
+            log.error("seed %d: no method trained, no table", s)
+    suffix = f"model={cfg.model}, concept={cfg.concept}, suite={cfg.suite.name}"
+    titles = {s: (cfg.title or f"Table 1 analogue: {suffix}") if s is None else f"Table 1 analogue, seed {s}: {suffix}"
+              for s in todo}
+    t0 = time.perf_counter()
+    done = evaluate_tables(cfg, todo, titles)
+    timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
+    date = datetime.datetime.now().isoformat(timespec="seconds")
+    for s, result in done.items():
+        write_text_atomic(roots[s] / "table1_meta.json", json.dumps(dict(
+            command=command, date=date, total_s=result["total_s"], failed=failed, methods=todo[s][1],
+            timings={**{f"train/{j.run_dir.name}": train_times[j.name] for j in jobs[s] if j.name in train_times},
+                     **result["timings"]}), indent=2) + "\n")
+    if seeds is None:
+        md = done[None]["markdown"]
+        if failed:
+            md += f"\nmissing (training failed): {', '.join(failed)}; see {out}/runs/<method>/train_stdout.log\n"
+        log.info("table 1 done in %.0f s -> %s", time.perf_counter() - start, out)
+        return dict(markdown=md)
+    return summarise_seeds(cfg, command, out, {s: todo[s] for s in seeds if s in todo}, methods, lambda_jobs,
+                           dict(timings, **{f"eval_seed{s}_s": r["total_s"] for s, r in done.items()}),
+                           train_times, failed, start)
+
+
+def summarise_seeds(cfg, command, out, todo, methods, lambda_jobs, timings, train_times, failed, start) -> dict:
+    """Table 1 over seeds, the λ sweep, the frontier, results.md and results_meta.json in ``out``."""
+    per_seed = {s: tables.load_records([f for f in [root / "base", *[root / "runs" / m for m in ok], root / "reference"]
+                                        if (f / "eval.json").is_file()]) for s, (root, ok) in todo.items()}
+    seeds = [int(s) for s in cfg.seeds]
+    title = f"Toy Table 1 over {len(seeds)} seeds: model={cfg.model}, concept={cfg.concept}, suite={cfg.suite.name}"
+    data = tables.over_seeds(per_seed)
+    table = tables.over_seeds_table(data, title)
+    render.write(table, out, "table1")
+    write_text_atomic(out / "table1.json", json.dumps(data, indent=2) + "\n")
+    sweep_md = None
+    runs = tables.find_runs(out / "lambda") if lambda_jobs else []
+    if runs:
+        if cfg.lambda_evaluate or (cfg.lambda_evaluate is None and not lambda_jobs[0].config.model.get("probe")):
+            t0 = time.perf_counter()  # models without a probe (SD v1.4): the suite measures every λ run
+            for run_dir in runs:
+                evaluate(system_cfg(cfg, "run", run_dir, run_dir))
+            timings["lambda_evaluation_s"] = round(time.perf_counter() - t0, 1)
+        sweep_md, _ = write_sweep(out / "lambda", tables.sweep(out / "lambda", runs), x="lambda")
+    rows = tables.frontier({s: out / "table1" / f"seed{s}" / "runs" for s in seeds}, methods)
+    frontier = tables.frontier_table(rows)
+    render.write(frontier, out, "frontier", ("csv",))
+    write_text_atomic(out / "frontier.json", json.dumps(rows, indent=2) + "\n")
+    png = plots.frontier(rows, out / "frontier.png", f"Erasure vs preservation along training ({cfg.model}, "
+                         f"concept {cfg.concept}; {len(seeds)} seeds)")
+    timings["total_s"] = round(time.perf_counter() - start, 1)
+    meta = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
+                torch_threads=os.environ.get("OMP_NUM_THREADS"), seeds=seeds, methods=methods,
+                lambdas=list(cfg.lambdas), timings=timings, train_times=train_times, failed=failed)
+    write_text_atomic(out / "results_meta.json", json.dumps(meta, indent=2) + "\n")
+    md = [f"# Results: {cfg.model}, concept {cfg.concept}", "",
+          f"Made by `{command}` on {meta['date']} ({meta['machine']}); {timings['total_s']:.0f} s this time "
+          f"(training {timings['training_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s; reused runs cost nothing).",
+          "", "## Table 1 over seeds", "", render.to_markdown(table)]
+    if sweep_md:
+        md += [f"## λ sweep of {cfg.lambda_method}", "", sweep_md, "![λ sweep](lambda/sweep.png)", ""]
+    md += ["## Erasure-vs-preservation frontier (each run's erasure curve)", "", render.to_markdown(frontier)]
+    if png:
+        md += ["", "![frontier](frontier.png)"]
+    if failed:
+        md += ["", "Missing (training failed): " + "; ".join(failed.values())]
+    write_text_atomic(out / "results.md", "\n".join(md) + "\n")
+    log.info("results done in %.0f s -> %s/results.md", timings["total_s"], out)
+    return dict(markdown="\n".join(md) + "\n", table=data, frontier=rows, meta=meta)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def write_sweep(folder: Path, data: dict, x: str | None = None) -> tuple[str, Path | None]:
+    """sweep.{json,md,csv,tex} and sweep.png into ``folder``; returns the markdown and the plot's path."""
+    write_text_atomic(folder / "sweep.json", json.dumps(data, indent=2, default=str) + "\n")
+    table = tables.sweep_table(data)
+    render.write(table, folder, "sweep")
+    return render.to_markdown(table), plots.sweep(data, folder / "sweep.png", x)
+
+
+def sweep(cfg: DictConfig) -> dict:
+    """The sweep summary of ``cfg.folder`` (conf/experiment/sweep.yaml)."""
+    folder = Path(str(cfg.folder))
+    if not folder.is_dir():
+        raise UserError(f"sweep folder '{folder}' does not exist")
+    runs = tables.find_runs(folder)
+    if cfg.evaluate:
+        for run_dir in runs:
+            evaluate(compose("run", [f"run={run_dir}", *cfg.evaluation]))
+    data = tables.sweep(folder, runs)
+    md, png = write_sweep(folder, data, cfg.x)
+    if cfg.wandb:
+        log_sweep(data, folder, png)
+    log.info("%d settings from %d runs (varied: %s) -> %s/sweep.{md,csv,tex,json}%s", len(data["rows"]),
+             sum(r["n"] for r in data["rows"]), ", ".join(data["varied"]) or "nothing", folder, ", sweep.png" if png else "")
+    return dict(data, markdown=md)
+
+
+def report(folders: list[str], out: str | Path, title: str | None = None, rank_oracles: bool = False,
+           logger: str = "none", wandb_project: str = "concept-erasure") -> dict:
+    """Table 1 from finished evaluations (folders holding eval.json, or eval.json files)."""
+    records = tables.load_records(folders)
+    table = tables.table1(records, title, rank_oracles)
+    paths = write_table1(table, records, Path(out))
+    if logger == "wandb":
+        log_table(records, table, Path(out), wandb_project, title)
+    return dict(table=table, paths=paths, markdown=render.to_markdown(table))
+
+
+# ---------------------------------------------------------------------------------------------------- W&B
+def log_table(records: list[dict], table: render.Table, out: Path, project: str, title: str | None = None) -> None:
+    """The table as a W&B Table and each system's metrics as run summaries (offline without an API key)."""
+    import wandb
+
+    from erasure.loggers import wandb_mode
+
+    run = wandb.init(project=project, name=title or "table1", job_type="eval", dir=str(out), mode=wandb_mode("auto", out),
+                     reinit="finish_previous")
+    columns, data = render.flat(table, missing=None)
+    run.log({"table1": wandb.Table(columns=columns, data=data)})
+    for rec in records:
+        for m, v in rec["metrics"].items():
+            run.summary[f"{rec['system']}/{m}"] = v
+    run.finish()
+
+
+def log_sweep(data: dict, folder: Path, png: Path | None) -> None:
+    """The sweep table (W&B Table), the plot (image) and the concept rate against the swept key (line chart)."""
+    import wandb
+
+    from erasure.loggers import sweep_group, wandb_mode
+
+    from .metrics import heading
+
+    first = OmegaConf.load(Path(data["rows"][0]["runs"][0]) / "config.yaml")
+    lg = first.get("logger") or {}
+    run = wandb.init(project=lg.get("project", "concept-erasure"), entity=lg.get("entity"), job_type="sweep-summary",
+                     group=sweep_group(folder), name=f"sweep {folder}", mode=wandb_mode(lg.get("mode"), folder),
+                     dir=str(folder), reinit="finish_previous")
+    columns, rows = render.flat(tables.sweep_table(data), missing=None)
+    table = wandb.Table(columns=columns, data=rows)
+    logged = {"sweep/table": table}
+    x = plots.choose_x(data, None)
+    m = next((k for k in plots.ERASURE if k in data["metrics"]), None)
+    if x and m:
+        logged["sweep/concept_rate_vs_" + x.replace(".", "_")] = wandb.plot.line(table, x, m, title=f"{heading(m)} vs {x}")
+    if png is not None:
+        logged["sweep/plot"] = wandb.Image(str(png))
+    run.log(logged)
+    run.finish()
