@@ -111,15 +111,20 @@ class Ablating(ErasureMethod):
         if cfg.prior_loss_weight < 0:
             raise UserError(f"method.prior_loss_weight must be >= 0, got {cfg.prior_loss_weight}")
 
+    @classmethod
+    def validate_concept(cls, concept) -> None:
+        """The concept's ``ablating:`` section: anchor prompts, target captions and the caption mode."""
+        spec = concept.get("ablating")
+        if not spec or not spec.get("anchor_prompts") or not spec.get("captions"):
+            raise UserError(f"concept '{concept.get('name')}' has no Ablating Concepts data: add "
+                            f"ablating: {{anchor_prompts: [...], captions: [...], mode: caption|style|object}} to its yaml")
+        if str(spec.get("mode", "caption")) not in PROMPT_MODES:
+            raise UserError(f"concept.ablating.mode must be one of {', '.join(PROMPT_MODES)}, got '{spec.get('mode')}'")
+
     def __init__(self, cfg: AblatingConfig, ctx):
         super().__init__(cfg, ctx)
-        spec = ctx.concept.get("ablating")
-        if not spec or not spec.get("anchor_prompts") or not spec.get("captions"):
-            raise UserError(f"concept '{ctx.concept.get('name')}' has no Ablating Concepts data: add "
-                            f"ablating: {{anchor_prompts: [...], captions: [...], mode: caption|style|object}} to its yaml")
+        spec = ctx.concept.ablating  # checked by validate_concept
         self.mode = str(spec.get("mode", "caption"))
-        if self.mode not in PROMPT_MODES:
-            raise UserError(f"concept.ablating.mode must be one of {', '.join(PROMPT_MODES)}, got '{self.mode}'")
         self.captions = [str(c) for c in spec.captions]
         self.latents, self.anchor_prompts = generate_latents(
             ctx, [str(p) for p in spec.anchor_prompts], cfg.num_anchor_images, cfg.anchor_steps, cfg.anchor_guidance)

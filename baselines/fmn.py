@@ -143,13 +143,18 @@ class ForgetMeNot(ErasureMethod):
         if cfg.num_reference_images < 1:
             raise UserError(f"method.num_reference_images must be at least 1, got {cfg.num_reference_images}")
 
+    @classmethod
+    def validate_concept(cls, concept) -> None:
+        """The concept's optional ``fmn:`` section: its ``type`` picks the prompt template."""
+        kind = str((concept.get("fmn") or {}).get("type", "object"))
+        if kind not in TEMPLATES:
+            raise UserError(f"concept.fmn.type must be one of {', '.join(TEMPLATES)}, got '{kind}'")
+
     def __init__(self, cfg: FMNConfig, ctx):
         super().__init__(cfg, ctx)
         spec = ctx.concept.get("fmn") or {}
         self.concept_text = str(spec.get("text") or ctx.concept.targets[0])
-        kind = str(spec.get("type", "object"))
-        if kind not in TEMPLATES:
-            raise UserError(f"concept.fmn.type must be one of {', '.join(TEMPLATES)}, got '{kind}'")
+        kind = str(spec.get("type", "object"))  # checked by validate_concept
         self.prompt = TEMPLATES[kind].format(self.concept_text)
         tok = ctx.models.tokenizer
         ids = tok(self.prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids

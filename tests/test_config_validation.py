@@ -35,6 +35,10 @@ BAD = [
     (["-m", "lambda=0,1,-1"], "lambda must be >= 0"),
     (["-m", "method=ours,nosuch"], "unknown method 'nosuch'"),
     (["model.resolution=big"], "could not be converted to Integer"),
+    # a method's per-concept settings are checked by the method before any model loads (validate_concept)
+    (["method=ablating", "~concept.ablating"], "concept 'nudity' has no Ablating Concepts data"),
+    (["method=ablating", "concept.ablating.mode=poem"], "concept.ablating.mode must be one of caption, style, object"),
+    (["method=fmn", "concept.fmn.type=poem"], "concept.fmn.type must be one of object, style"),
 ]
 
 
