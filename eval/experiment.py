@@ -181,7 +181,8 @@ def evaluate_table(cfg: DictConfig, root: Path, methods: list[str], title: str) 
     write_table1(table, records, root)
     if cfg.logger == "wandb":
         log_table(records, table, root, str(cfg.wandb_project), title)
-    return dict(markdown=render.to_markdown(table), timings=timings, total_s=round(time.perf_counter() - start, 1))
+    return dict(markdown=render.to_markdown(table), records=records, timings=timings,
+                total_s=round(time.perf_counter() - start, 1))
 
 
 def _table_in_worker(args: tuple) -> dict:
@@ -265,31 +266,30 @@ def run(cfg: DictConfig, command: str) -> dict:
     t0 = time.perf_counter()
     done = evaluate_tables(cfg, todo, titles)
     timings["evaluation_s"] = round(time.perf_counter() - t0, 1)
-    date = datetime.datetime.now().isoformat(timespec="seconds")
+    meta = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"), failed=failed)
     for s, result in done.items():
+        trained = {f"train/{j.run_dir.name}": train_times[j.name] for j in jobs[s] if j.name in train_times}
         write_text_atomic(roots[s] / "table1_meta.json", json.dumps(dict(
-            command=command, date=date, total_s=result["total_s"], failed=failed, methods=todo[s][1],
-            timings={**{f"train/{j.run_dir.name}": train_times[j.name] for j in jobs[s] if j.name in train_times},
-                     **result["timings"]}), indent=2) + "\n")
+            meta, total_s=result["total_s"], methods=todo[s][1], timings={**trained, **result["timings"]}), indent=2) + "\n")
     if seeds is None:
         md = done[None]["markdown"]
         if failed:
             md += f"\nmissing (training failed): {', '.join(failed)}; see {out}/runs/<method>/train_stdout.log\n"
         log.info("table 1 done in %.0f s -> %s", time.perf_counter() - start, out)
         return dict(markdown=md)
-    return summarise_seeds(cfg, command, out, {s: todo[s] for s in seeds if s in todo}, methods, lambda_jobs,
-                           dict(timings, **{f"eval_seed{s}_s": r["total_s"] for s, r in done.items()}),
-                           train_times, failed, start)
+    timings.update({f"eval_seed{s}_s": done[s]["total_s"] for s in seeds if s in done})
+    meta.update(machine=machine(), torch_threads=os.environ.get("OMP_NUM_THREADS"), seeds=seeds, methods=methods,
+                lambdas=list(cfg.lambdas), timings=timings, train_times=train_times)
+    return summarise_seeds(cfg, out, {s: done[s]["records"] for s in seeds if s in done}, lambda_jobs, meta, start)
 
 
-def summarise_seeds(cfg, command, out, todo, methods, lambda_jobs, timings, train_times, failed, start) -> dict:
+def summarise_seeds(cfg: DictConfig, out: Path, per_seed: dict, lambda_jobs: list[TrainJob], meta: dict,
+                    start: float) -> dict:
     """Table 1 over seeds, the λ sweep, the frontier, results.md and results_meta.json in ``out``."""
-    per_seed = {s: tables.load_records([f for f in [root / "base", *[root / "runs" / m for m in ok], root / "reference"]
-                                        if (f / "eval.json").is_file()]) for s, (root, ok) in todo.items()}
-    seeds = [int(s) for s in cfg.seeds]
-    title = f"Toy Table 1 over {len(seeds)} seeds: model={cfg.model}, concept={cfg.concept}, suite={cfg.suite.name}"
+    seeds, timings = meta["seeds"], meta["timings"]
     data = tables.over_seeds(per_seed)
-    table = tables.over_seeds_table(data, title)
+    table = tables.over_seeds_table(data, f"Toy Table 1 over {len(seeds)} seeds: model={cfg.model}, "
+                                          f"concept={cfg.concept}, suite={cfg.suite.name}")
     render.write(table, out, "table1")
     write_text_atomic(out / "table1.json", json.dumps(data, indent=2) + "\n")
     sweep_md = None
@@ -301,19 +301,16 @@ def summarise_seeds(cfg, command, out, todo, methods, lambda_jobs, timings, trai
                 evaluate(system_cfg(cfg, "run", run_dir, run_dir))
             timings["lambda_evaluation_s"] = round(time.perf_counter() - t0, 1)
         sweep_md, _ = write_sweep(out / "lambda", tables.sweep(out / "lambda", runs), x="lambda")
-    rows = tables.frontier({s: out / "table1" / f"seed{s}" / "runs" for s in seeds}, methods)
+    rows = tables.frontier({s: out / "table1" / f"seed{s}" / "runs" for s in seeds}, meta["methods"])
     frontier = tables.frontier_table(rows)
     render.write(frontier, out, "frontier", ("csv",))
     write_text_atomic(out / "frontier.json", json.dumps(rows, indent=2) + "\n")
     png = plots.frontier(rows, out / "frontier.png", f"Erasure vs preservation along training ({cfg.model}, "
                          f"concept {cfg.concept}; {len(seeds)} seeds)")
     timings["total_s"] = round(time.perf_counter() - start, 1)
-    meta = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
-                torch_threads=os.environ.get("OMP_NUM_THREADS"), seeds=seeds, methods=methods,
-                lambdas=list(cfg.lambdas), timings=timings, train_times=train_times, failed=failed)
     write_text_atomic(out / "results_meta.json", json.dumps(meta, indent=2) + "\n")
     md = [f"# Results: {cfg.model}, concept {cfg.concept}", "",
-          f"Made by `{command}` on {meta['date']} ({meta['machine']}); {timings['total_s']:.0f} s this time "
+          f"Made by `{meta['command']}` on {meta['date']} ({meta['machine']}); {timings['total_s']:.0f} s this time "
           f"(training {timings['training_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s; reused runs cost nothing).",
           "", "## Table 1 over seeds", "", render.to_markdown(table)]
     if sweep_md:
@@ -321,8 +318,8 @@ def summarise_seeds(cfg, command, out, todo, methods, lambda_jobs, timings, trai
     md += ["## Erasure-vs-preservation frontier (each run's erasure curve)", "", render.to_markdown(frontier)]
     if png:
         md += ["", "![frontier](frontier.png)"]
-    if failed:
-        md += ["", "Missing (training failed): " + "; ".join(failed.values())]
+    if meta["failed"]:
+        md += ["", "Missing (training failed): " + "; ".join(meta["failed"].values())]
     write_text_atomic(out / "results.md", "\n".join(md) + "\n")
     log.info("results done in %.0f s -> %s/results.md", timings["total_s"], out)
     return dict(markdown="\n".join(md) + "\n", table=data, frontier=rows, meta=meta)

@@ -1,12 +1,7 @@
 """The paper's figures from finished runs: ``python -m eval.figures [runs=outputs/table1/runs] [sweep=<folder>] [out=outputs/figures]``.
 
-* ``timelines.png`` (Fig. 2, 5, 11-14): each method's iteration timeline (its run's ``timeline.png``: preview prompts
-  x seeds as rows, iterations as columns), stacked with the method's name.
-* ``erasure_curve.png`` (Fig. 4): the probe's concept rate (and preserved accuracy) over iterations, one line per
-  method, from each run's ``probe.jsonl`` (train with ``trainer.probe_points=<n>``; ``make table1`` does).
-* ``lambda.png`` (Fig. 6, 9): concept rate and SSIM against λ from a sweep folder (``make sweep``).
-
-A figure whose inputs are missing is skipped with a line saying what would make it. The library: :mod:`eval.plots`.
+``timelines.png`` (Fig. 2, 5, 11-14), ``erasure_curve.png`` (Fig. 4, from each run's probe.jsonl) and ``lambda.png``
+(Fig. 6, 9, from a sweep folder); a figure whose inputs are missing is skipped, saying why (:mod:`eval.plots`).
 """
 from __future__ import annotations
 

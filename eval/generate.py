@@ -2,7 +2,7 @@
 ``python -m eval.generate run=<run folder> set=<prompt set> [base=true] [suite=...] [key=value ...]``.
 
 Sharded: ``accelerate launch --multi_gpu --num_processes N -m eval.generate ...`` (or ``torchrun --nproc_per_node N``)
-splits the batches between the processes and writes the same files, byte for byte, as one process (:mod:`eval.cache`).
+writes the same files, byte for byte, as one process (:mod:`eval.cache`).
 """
 from __future__ import annotations
 

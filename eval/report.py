@@ -1,10 +1,8 @@
 """Table 1 from finished evaluations: ``python -m eval.report <folders or eval.json files…> [--out DIR]``.
 
-Writes ``table1.md``, ``table1.csv`` and ``table1.tex`` (and ``nudenet_classes.{md,csv}``, the per-class NudeNet
-counts, when a row has them): one row per system (base model first, then the methods in the given order, the
-reference row last), one column per registered metric with its arrow; the best value in bold and the second
-underlined, both by the registry's direction. As in the paper, base model and reference are "oracles" and only the
-methods are ranked (``--rank-oracles`` ranks every row). The library: :func:`eval.experiment.report`.
+Writes ``table1.{md,csv,tex}`` (and ``nudenet_classes.{md,csv}`` when a row has NudeNet's per-class counts): base model
+first, the methods in the given order, the reference row last; only the methods are ranked (``--rank-oracles`` ranks
+every row). The library: :func:`eval.experiment.report`.
 """
 from __future__ import annotations
 

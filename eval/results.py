@@ -1,17 +1,8 @@
 """The evidence (issue 9): ``python -m eval.results [model=toyworld] [concept=circle] [seeds=[0,1,2]] [out=...]``.
 
-The experiment ``conf/experiment/results.yaml`` (Table 1's, over seeds, with a λ sweep), on the same orchestration
-as Table 1 (:func:`eval.experiment.run`); ``make results`` drives it, ``make results-smoke`` runs it at tiny sizes.
-Each step is resumable (a finished run folder of the current base model is reused, evaluations come from the cache):
-
-1. training, ``jobs`` subprocesses at a time, longest first: every method at its default config for every seed
-   (``<out>/table1/seed<s>/runs/<method>``, with its erasure curve: ``trainer.probe_points``), and the λ sweep of
-   ``lambda_method`` for every seed (``<out>/lambda/lambda<λ>_seed<s>``);
-2. each seed's Table 1 with the evaluation suite (same prompts and seeds for every method and seed), ``jobs`` seeds
-   at a time in worker processes;
-3. the summaries in ``<out>``: ``table1.{md,csv,tex,json}`` (mean ± std over seeds), ``lambda/sweep.*``,
-   ``frontier.{png,csv,json}`` (each method's concept rate against SSIM to the base model at its erasure curve's
-   iterations, seeds as error bars) and ``results.md`` (all of it, with date and machine).
+The experiment ``conf/experiment/results.yaml``, Table 1's over seeds with a λ sweep, on the same orchestration
+(:func:`eval.experiment.run`): ``<out>/results.md`` with Table 1 over seeds, ``lambda/sweep.*`` and ``frontier.*``.
+``make results`` drives it, ``make results-smoke`` runs it at tiny sizes; resumable.
 """
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
 """Summarise a sweep: ``python -m eval.sweep <multirun folder> [evaluate=true] [wandb=true] [x=lambda] [eval overrides]``.
 
-After ``python -m erasure.train -m lambda=0,0.5,1,1.5,5 trainer.seed=0,1,2`` this reads every finished run below
-the folder (``config.yaml`` + ``summary.json`` [+ ``eval.json``]), finds the config keys the sweep varied,
-averages the replicate axis (``trainer.seed``) and writes into the folder:
-
-* ``sweep.md`` / ``sweep.csv`` / ``sweep.tex`` / ``sweep.json``: one row per setting, mean and std over seeds of the
-  runs' numbers that the metric registry shows in a sweep: the toy world's probe (``concept_rate_after``,
-  ``ssim_preserved``, ``preserved_accuracy_after``, ...), the evaluation suite's metrics when ``eval.json`` exists
-  (``evaluate=true`` makes it first, cached; the other key=value arguments are its overrides), and the training time;
-* ``sweep.png``: concept rate and SSIM to the base model against the swept key (the paper's Fig. 6/9 for λ),
-  seeds as error bars, one line per other varied setting (e.g. per method).
-
-``wandb=true`` also logs the table (a W&B Table) and the plot (an image and a line chart) to one W&B run in the
-sweep's group (offline without an API key). The experiment: ``conf/experiment/sweep.yaml``, :func:`eval.experiment.sweep`.
+After ``python -m erasure.train -m lambda=0,0.5,1,1.5,5 trainer.seed=0,1,2``: ``sweep.{md,csv,tex,json}`` (one row per
+setting of the varied keys, mean ± std over seeds) and ``sweep.png`` in the folder; ``evaluate=true`` evaluates every
+run first (the other key=value arguments are its overrides), ``wandb=true`` logs table and plot to the sweep's W&B
+group. The experiment ``conf/experiment/sweep.yaml`` (:func:`eval.experiment.sweep`).
 """
 from __future__ import annotations
 

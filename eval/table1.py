@@ -1,9 +1,8 @@
 """Table 1 end to end: ``python -m eval.table1 [model=toyworld] [concept=circle] [out=outputs/table1] [key=value ...]``.
 
-The experiment ``conf/experiment/table1.yaml``: every method in ``erasure.registry.available()`` (or ``methods=[...]``)
-trained with its default config, or its finished run in ``<out>/runs/<method>`` reused; then the base model, each run
-and the reference row evaluated with the suite (images cached and shared), and the report written
-(:func:`eval.experiment.run`). ``make table1`` / ``make table1-smoke`` drive it.
+The experiment ``conf/experiment/table1.yaml`` (:func:`eval.experiment.run`): every registered method (or
+``methods=[...]``) trained, or its finished run in ``<out>/runs/<method>`` reused; base model, runs and reference row
+evaluated; ``table1.{md,csv,tex}`` written. ``make table1`` / ``make table1-smoke`` drive it.
 """
 from __future__ import annotations
 
