@@ -131,3 +131,21 @@ def test_eval_layout():
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-m", "eval.table1", "model=nosuch"], "unknown model 'nosuch'"),
+    (["-m", "eval.results", "model=tiny", "concept=nudity", "suite=tiny", "seeds=[]"], "seeds is empty"),
+    (["-m", "eval.table1", "suite=nope"], "unknown suite 'nope'"),
+    (["-m", "eval.table1", "methods=[nosuch]"], "unknown method(s) nosuch"),
+    (["-m", "eval.sweep"], "usage: python -m eval.sweep"),
+    (["-m", "eval.figures", "nosuch=1"], "usage: python -m eval.figures"),
+    (["-m", "eval.generate", "set=objects"], "usage: python -m eval.generate"),
+])
+def test_eval_commands_end_bad_input_in_one_line(args, words, tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli([*args, f"out={tmp_path}"] if "eval.table1" in args or "eval.results" in args else args)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # nothing trained or written
