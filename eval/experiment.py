@@ -156,16 +156,6 @@ def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path) -> Dic
                                  suite=OmegaConf.to_container(cfg.suite, resolve=False)))
 
 
-def write_table1(table: render.Table, records: list[dict], out: Path) -> dict[str, Path]:
-    """table1.{md,csv,tex}, and nudenet_classes.{md,csv} when a row has NudeNet's per-class counts."""
-    paths = render.write(table, out, "table1")
-    classes = tables.nudenet_classes(records)
-    if classes:
-        render.write(classes, out, "nudenet_classes", ("md", "csv"))
-    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    return paths
-
-
 def evaluate_table(cfg: DictConfig, root: Path, methods: list[str], title: str) -> dict:
     """One Table 1 in ``root``: base model, ``root/runs/<method>`` and reference evaluated, the report written."""
     start = time.perf_counter()
@@ -176,12 +166,9 @@ def evaluate_table(cfg: DictConfig, root: Path, methods: list[str], title: str) 
         t0 = time.perf_counter()
         evaluate(system_cfg(cfg, system, run, folder))
         timings[f"eval/{folder.name}"] = round(time.perf_counter() - t0, 1)
-    records = tables.load_records([folder for _, _, folder in systems])
-    table = tables.table1(records, title, bool(cfg.rank_oracles))
-    write_table1(table, records, root)
-    if cfg.logger == "wandb":
-        log_table(records, table, root, str(cfg.wandb_project), title)
-    return dict(markdown=render.to_markdown(table), records=records, timings=timings,
+    result = report([folder for _, _, folder in systems], root, title, bool(cfg.rank_oracles), str(cfg.logger),
+                    str(cfg.wandb_project))
+    return dict(markdown=result["markdown"], records=result["records"], timings=timings,
                 total_s=round(time.perf_counter() - start, 1))
 
 
@@ -361,15 +348,20 @@ def sweep(cfg: DictConfig) -> dict:
     return dict(data, markdown=md)
 
 
-def report(folders: list[str], out: str | Path, title: str | None = None, rank_oracles: bool = False,
+def report(folders: list, out: str | Path, title: str | None = None, rank_oracles: bool = False,
            logger: str = "none", wandb_project: str = "concept-erasure") -> dict:
-    """Table 1 from finished evaluations (folders holding eval.json, or eval.json files)."""
+    """Table 1 from finished evaluations (folders holding eval.json, or eval.json files): table1.{md,csv,tex}, and
+    nudenet_classes.{md,csv} when a row has NudeNet's per-class counts."""
     records = tables.load_records(folders)
     table = tables.table1(records, title, rank_oracles)
-    paths = write_table1(table, records, Path(out))
+    paths = render.write(table, out, "table1")
+    classes = tables.nudenet_classes(records)
+    if classes:
+        render.write(classes, out, "nudenet_classes", ("md", "csv"))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     if logger == "wandb":
         log_table(records, table, Path(out), wandb_project, title)
-    return dict(table=table, paths=paths, markdown=render.to_markdown(table))
+    return dict(table=table, paths=paths, records=records, markdown=render.to_markdown(table))
 
 
 # ---------------------------------------------------------------------------------------------------- W&B
