@@ -290,7 +290,7 @@ def summarise_seeds(cfg: DictConfig, out: Path, per_seed: dict, lambda_jobs: lis
         sweep_md, _ = write_sweep(out / "lambda", tables.sweep(out / "lambda", runs), x="lambda")
     rows = tables.frontier({s: out / "table1" / f"seed{s}" / "runs" for s in seeds}, meta["methods"])
     frontier = tables.frontier_table(rows)
-    render.write(frontier, out, "frontier", ("csv",))
+    render.write(frontier, out, "frontier")
     write_text_atomic(out / "frontier.json", json.dumps(rows, indent=2) + "\n")
     png = plots.frontier(rows, out / "frontier.png", f"Erasure vs preservation along training ({cfg.model}, "
                          f"concept {cfg.concept}; {len(seeds)} seeds)")
