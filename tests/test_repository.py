@@ -59,3 +59,18 @@ def test_prompt_sets_match_their_sha256_list():
         if name not in sums:
             problems.append(f"{name}: not in the README's sha256 list")
     assert not problems, "data/prompts/ and its README disagree:\n" + "\n".join(problems)
+
+
+def test_every_module_imports():
+    """Every module of the packages imports (entry points included): a moved name fails here, not in a user's run."""
+    import importlib
+
+    names = sorted({".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                    for pkg in ("erasure", "eval", "baselines", "hydra_plugins") for p in (ROOT / pkg).rglob("*.py")})
+    failed = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 -- report every failure at once
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    assert not failed, failed

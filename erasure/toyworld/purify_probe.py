@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from ..cli import CONF_DIR, parse_options, setup_logging
+from ..cli import parse_options, setup_logging
+from ..config import CONF_DIR
 from ..errors import UserError, exit_on_user_error
 from . import world
 
