@@ -53,12 +53,11 @@ class Sampler:
                     resolution=self.resolution)
 
 
-def default_sampler(models, model_cfg, steps=None, guidance=None, resolution=None, batch_size: int = 8,
-                    scheduler=None) -> Sampler:
+def default_sampler(models, model_cfg, steps=None, guidance=None, resolution=None, batch_size: int = 8) -> Sampler:
     """The model's own sampler (its shipped scheduler, ``model.sample_steps``, ``model.guidance``), with any of
-    steps/guidance/resolution/scheduler given here taking precedence."""
+    steps/guidance/resolution given here taking precedence."""
     guidance = guidance if guidance is not None else model_cfg.get("guidance", 7.5)
-    return Sampler(scheduler=scheduler if scheduler is not None else models.generation_scheduler,
+    return Sampler(scheduler=models.generation_scheduler,
                    steps=int(steps or model_cfg.get("sample_steps")), guidance=float(guidance),
                    resolution=int(resolution or models.resolution), batch_size=int(batch_size))
 

@@ -22,7 +22,7 @@ def load_clip(model_path: str):
 
     path = Path(model_path)
     if not (path / "config.json").is_file():
-        raise UserError(f"CLIP model folder '{model_path}' has no config.json: set eval.clip_model to a local "
+        raise UserError(f"CLIP model folder '{model_path}' has no config.json: set suite.metrics.clip.model to a local "
                         "folder holding a transformers CLIPModel and CLIPProcessor (save_pretrained)")
     model = CLIPModel.from_pretrained(str(path), local_files_only=True).eval()
     processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
