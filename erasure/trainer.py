@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .callbacks import Run, create_callbacks, drop_after
 from .checkpoint import list_checkpoints, load_checkpoint
-from .config import validate
+from . import registry
+from .config import SHORTCUTS, validate
 from .delta import save_delta
 from .errors import UserError
 from .io import write_text_atomic
@@ -37,7 +38,14 @@ def resumed_config(run_dir: Path) -> tuple[DictConfig, Path]:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise UserError(f"cannot resume '{run_dir}': it has no checkpoint (train with trainer.checkpoint_every=<n>)")
-    return OmegaConf.load(run_dir / "config.yaml"), checkpoints[-1]
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    claimed = registry.get_method(str(cfg.method.name)).shortcuts
+    for key in SHORTCUTS:  # folders written before 2026-12-02 carry lambda: 5.0 for every method (it was ignored)
+        if cfg.get(key) is not None and key not in claimed:
+            log.warning("the saved config of '%s' sets %s=%s, which method '%s' never read; resuming without it",
+                        run_dir, key, cfg[key], cfg.method.name)
+            cfg[key] = None
+    return cfg, checkpoints[-1]
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> Path:

@@ -72,3 +72,25 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.yaml").write_text("method: {name: ours}\n")
     r = run_cli(["-m", "erasure.train", f"resume={tmp_path}"])
     assert r.returncode == 2 and "has no checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_run_folder_from_before_lambda_was_ours_alone_still_resumes(tmp_path):
+    """Run folders written before `lambda=` became All but One's own setting carry `lambda: 5.0` whatever the method;
+    resuming one must neither be refused nor change what the method trains (it never read lambda)."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    extra = ["model=tiny", "concept=nudity", "method=esd", "method.ddim_steps=4", "trainer.iterations=2",
+             "trainer.checkpoint_every=1", "trainer.preview_every=0"]
+    r = run_cli(["-m", "erasure.train", *extra, f"hydra.run.dir={run}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    finished = (run / "delta.safetensors").read_bytes()
+    (run / "delta.safetensors").unlink()
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg["lambda"] is None
+    cfg["lambda"] = 5.0  # as the old conf/train.yaml wrote it
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    r = run_cli(["-m", "erasure.train", f"resume={run}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "never read; resuming without it" in r.stdout + r.stderr
+    assert (run / "delta.safetensors").read_bytes() == finished
