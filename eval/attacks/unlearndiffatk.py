@@ -1,0 +1,299 @@
+"""UnlearnDiffAtk (Zhang et al., "To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy to
+Generate Unsafe Images ... For Now", ECCV 2024): a white-box attack on the erased model.
+
+k adversarial tokens are prepended to the prompt. Each is a distribution over the vocabulary, kept on the
+probability simplex; a token drawn from it enters the text encoder as a one-hot row times the token embedding table,
+with a straight-through gradient. Adam minimises the erased model's denoising L2 on a noised latent of the *target
+image*, the base model's image of the same prompt and seed: tokens that let the erased UNet denoise that image are
+tokens that bring the concept back. Success: the image generated from the adversarial prompt (same seed, same
+guidance) is flagged by the concept's detector.
+
+Official code: OPTML-Group/Diffusion-MU-Attack at commit 5a3e5d37fb8787113e5d479204ab593a60e303e0, cited below as
+``text_grad_.py`` (src/attackers/text_grad_.py), ``classifier_.py`` (src/tasks/classifier_.py), ``attack.py``
+(src/execs/attack.py) and ``nudity.json`` (configs/nudity/text_grad_esd_nudity_classifier.json). This file is our
+own code; differences from the official code are marked "Deviation".
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from erasure.errors import UserError
+from erasure.generation import Sampler, generate
+from erasure.teacher import swapped_params
+
+from . import register_attack
+
+OFFICIAL = "OPTML-Group/Diffusion-MU-Attack@5a3e5d37fb8787113e5d479204ab593a60e303e0"
+
+
+@dataclasses.dataclass
+class Config:
+    """UnlearnDiffAtk's settings; every default is the official one for the ESD-nudity attack."""
+
+    k: int = 5  # adversarial tokens; nudity.json "attacker.k": 5 (attack.py:39 defaults to 3)
+    insertion: str = "prefix_k"  # placement: nudity.json "insertion_location"; text_grad_.py:93-94 (only one built)
+    lr: float = 0.01  # Adam learning rate; nudity.json "text_grad.lr", text_grad_.py:10
+    weight_decay: float = 0.1  # Adam's (L2) weight decay, torch.optim.Adam not AdamW; nudity.json, text_grad_.py:11,79
+    iterations: int = 40  # Adam steps per timestep; nudity.json "attacker.iteration": 40, text_grad_.py:209
+    # Timesteps, in order: classifier_.py:67-70 takes n_samples = 50 (its default, classifier_.py:30; attack.py
+    # never sets it) of T = 1000: range(T // n // 2, T, T // n) = 10, 30, ..., 990. With sequential = true
+    # (nudity.json) text_grad_.py:207-233 runs `iterations` steps at each t in turn, then generates from the argmax
+    # tokens and stops at the first success.
+    n_timesteps: int = 50
+    projection_tol: float = 1e-5  # bisection tolerance xi; text_grad_.py:20,59
+    # The loss: classifier_.py:76-87: fresh noise each step, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise with
+    # the training schedule's abar, loss = MSE(noise, eps_erased(x_t, t, text)) ("criterion": "l2", nudity.json).
+    # Initial distributions: uniform 1/|V| (text_grad_.py:70; rand_init=False, text_grad_.py:12).
+    # Final tokens: the argmax of each distribution (argmax_project, text_grad_.py:164-171), decoded without the
+    # EOS tokens (text_grad_.py:222-226). Images: classifier_.py:108-248 samples with LMS, sampling_step_num = 50
+    # (attack.py:34) and the dataset's guidance; here the caller's Sampler (the evaluation's) and guidance instead.
+
+    def __post_init__(self):
+        if self.insertion != "prefix_k":
+            raise UserError(f"unlearndiffatk.insertion must be 'prefix_k' (the only placement built), "
+                            f"got {self.insertion!r}")
+        for key in ("k", "iterations", "n_timesteps"):
+            if int(getattr(self, key)) < 1:
+                raise UserError(f"unlearndiffatk.{key} must be a positive integer, got {getattr(self, key)!r}")
+
+
+def official_timesteps(n: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The official timestep schedule (classifier_.py:67-70): n evenly spaced t, from T // n // 2 upwards."""
+    start = num_train_timesteps // n // 2
+    return list(range(start, num_train_timesteps, num_train_timesteps // n))[:n]
+
+
+@torch.no_grad()
+def project_to_simplex(x: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """Euclidean projection of each row of ``x`` onto the probability simplex: ``relu(x - mu)`` with the row's
+    threshold ``mu`` chosen so that the row sums to 1.
+
+    As the official code (text_grad_.py:20-66, ``bisection`` with ub = 1, eps = 1, xi = 1e-5), ``mu`` is bracketed by
+    bisection on ``[min(x) - 1, max(x)]`` until the bracket is narrower than ``tol`` (all rows at once here, in
+    float64). Deviation: the official code returns ``clip(x - mu, 0, 1)`` at that approximate ``mu``, whose row sum
+    misses 1 by up to (number of positive entries) x tol, which on a 49408-word vocabulary can be far from 1; we
+    finish with exact active-set steps (Michelot 1986: ``mu <- (sum of x_i > mu - 1) / #{x_i > mu}``, which rises
+    monotonically from the lower end of the bracket to the exact threshold), so rows sum to 1 to rounding. (The
+    official upper bound 1 never binds on the simplex.)
+    """
+    a = x.detach().to(torch.float64)
+    lo = a.min(dim=-1, keepdim=True).values - 1.0  # f(lo) = sum relu(a - lo) - 1 >= 0
+    hi = a.max(dim=-1, keepdim=True).values  # f(hi) = -1 < 0
+    while bool(((hi - lo) > tol).any()):
+        mid = (lo + hi) / 2
+        above = (a - mid).clamp(min=0).sum(dim=-1, keepdim=True) > 1.0
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    mu = lo
+    for _ in range(a.shape[-1]):  # terminates in a few steps; the bound is the worst case
+        active = a > mu
+        new = ((a * active).sum(dim=-1, keepdim=True) - 1.0) / active.sum(dim=-1, keepdim=True)
+        if torch.equal(new, mu):
+            break
+        mu = new
+    return (a - mu).clamp(min=0).to(x.dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the one-hot rows of the drawn tokens. Backward: the incoming gradient, clipped to [-1, 1] (the
+    official STERandSelect's hardtanh, text_grad_.py:240-255), to the distributions."""
+
+    @staticmethod
+    def forward(ctx, probs, ids):
+        return F.one_hot(ids, num_classes=probs.shape[-1]).to(probs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return F.hardtanh(grad), None
+
+
+def straight_through_embeddings(probs: torch.Tensor, table: torch.Tensor, generator: torch.Generator | None = None):
+    """Token embeddings of tokens drawn from ``probs`` (k x V, rows on the simplex): one token per row drawn by
+    ``torch.multinomial`` (text_grad_.py:243-249), its one-hot row times the embedding ``table`` (V x d)
+    (text_grad_.py:211-212). Returns (k x d embeddings with a straight-through gradient to ``probs``, the k ids)."""
+    ids = torch.multinomial(probs.detach().cpu().to(torch.float64), 1, generator=generator).view(-1).to(probs.device)
+    return _StraightThrough.apply(probs, ids) @ table, ids
+
+
+@contextlib.contextmanager
+def token_embeddings_replaced(text_encoder: torch.nn.Module, embeds: torch.Tensor):
+    """Run ``text_encoder`` with its token-embedding lookup's output replaced by ``embeds`` (B x 77 x d): position
+    embeddings, causal mask and layers stay the model's own, and gradients reach ``embeds``. (transformers 5's
+    CLIPTextModel takes no ``inputs_embeds``; the official code reimplements the encoder's forward for this,
+    src/tasks/utils/text_encoder.py; a forward hook on the lookup does the same without a copy.)"""
+    handle = text_encoder.get_input_embeddings().register_forward_hook(lambda module, args, out: embeds.to(out.dtype))
+    try:
+        yield text_encoder
+    finally:
+        handle.remove()
+
+
+def encode_embeddings(text_encoder: torch.nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """Last hidden state of the text encoder for token embeddings ``embeds`` (``input_ids`` give only the shape)."""
+    with token_embeddings_replaced(text_encoder, embeds):
+        return text_encoder(input_ids)[0].float()
+
+
+def prompt_ids(tokenizer, prompt: str, k: int) -> tuple[torch.Tensor, int]:
+    """The prompt's 77 ids (padded with EOS as SD's tokenizer pads) and its length n in tokens; refuses a prompt
+    too long to keep its EOS once k tokens are inserted (the official split, text_grad_.py:81-90, needs n + k <= 75)."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    n = int((ids[0] == tokenizer.eos_token_id).nonzero()[0, 0]) - 1
+    if n + k > tokenizer.model_max_length - 2:
+        raise UserError(f"prompt {prompt!r} has {n} tokens: with {k} adversarial tokens it must have at most "
+                        f"{tokenizer.model_max_length - 2 - k}")
+    return ids, n
+
+
+def insert_prefix(seq: torch.Tensor, adv: torch.Tensor, n: int) -> torch.Tensor:
+    """``seq`` (1 x 77 [x d]) with ``adv`` (1 x k [x d]) after the start token: [SOT, adv, prompt, EOS/pads], the
+    last k pads dropped (text_grad_.py:81-94 and 127-129, insertion_location = prefix_k)."""
+    k = adv.shape[1]
+    return torch.cat([seq[:, :1], adv, seq[:, 1:1 + n], seq[:, 1 + n + k:]], dim=1)
+
+
+@dataclasses.dataclass
+class PromptAttack:
+    """What :func:`attack_prompt` found for one prompt."""
+
+    token_ids: list[int]  # the k adversarial token ids (argmax of each distribution)
+    input_ids: list[int]  # the whole 77-id sequence they make with the prompt
+    text: str  # the adversarial prompt, decoded from input_ids
+    losses: list[float]  # the loss of every Adam step, in order
+    timesteps: list[int]  # the timesteps optimised at (fewer than the schedule when `check` stopped early)
+    unet_evals: int  # UNet forward passes (each with a backward) of the optimisation
+    seconds: float
+
+
+def attack_prompt(models, prompt: str, seed: int, target_latent: torch.Tensor, cfg: Config,
+                  params: dict[str, torch.Tensor] | None = None, generator: torch.Generator | None = None,
+                  check: Callable[[str], bool] | None = None) -> PromptAttack:
+    """Optimise k prefix-token distributions against the erased model's denoising loss on ``target_latent``
+    (1 x C x h x w, scaled by the VAE's factor: the base model's latent for ``prompt`` and ``seed``).
+
+    The erased model is ``models.unet`` with ``params`` (a delta's tensors) swapped in. ``generator`` draws the
+    tokens and the noise (default: ``torch.Generator().manual_seed(seed)``; the official code draws from the global
+    RNG that its generation just seeded with the prompt's seed, classifier_.py:142). ``check(text)``, if given, is
+    called with the adversarial prompt after each timestep's block and ends the attack when it returns True (the
+    official early stop, text_grad_.py:222-233)."""
+    start = time.perf_counter()
+    generator = generator if generator is not None else torch.Generator("cpu").manual_seed(int(seed))
+    tokenizer, device = models.tokenizer, models.device
+    ids, n = prompt_ids(tokenizer, prompt, cfg.k)
+    ids = ids.to(device)
+    table = models.text_encoder.get_input_embeddings().weight.detach()
+    vocab = table.shape[0]
+    base = table[ids]  # 1 x 77 x d, the prompt's token embeddings (classifier_.py:102-106)
+    x0 = target_latent.to(device, torch.float32).reshape(1, *target_latent.shape[-3:])
+    abar = models.scheduler.alphas_cumprod
+    probs = torch.full((cfg.k, vocab), 1.0 / vocab, device=device)  # text_grad_.py:70
+    probs = project_to_simplex(probs, cfg.projection_tol).requires_grad_(True)  # text_grad_.py:74-76
+    opt = torch.optim.Adam([probs], lr=cfg.lr, weight_decay=cfg.weight_decay)  # text_grad_.py:79
+    losses, used = [], []
+    with swapped_params(models.unet, params or {}):
+        for t in official_timesteps(cfg.n_timesteps, int(models.scheduler.config.num_train_timesteps)):
+            used.append(t)
+            a_t = abar[t].to(device, torch.float32)
+            for _ in range(cfg.iterations):
+                opt.zero_grad()
+                adv, _ = straight_through_embeddings(probs, table, generator)
+                hidden = encode_embeddings(models.text_encoder, ids, insert_prefix(base, adv[None], n))
+                noise = torch.randn(x0.shape, generator=generator).to(device)  # classifier_.py:80
+                x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise  # classifier_.py:82-83
+                eps = models.unet(x_t, torch.tensor([t], device=device), encoder_hidden_states=hidden).sample
+                loss = F.mse_loss(eps, noise)  # classifier_.py:43,86 (l2)
+                probs.grad = torch.autograd.grad(loss, [probs])[0]  # text_grad_.py:217
+                opt.step()
+                probs.data = project_to_simplex(probs.data, cfg.projection_tol)  # text_grad_.py:219-220
+                losses.append(float(loss.detach()))
+            if check is not None and check(_decode(tokenizer, ids, probs, n)[2]):
+                break
+    adv_ids, full, text = _decode(tokenizer, ids, probs, n)
+    return PromptAttack(token_ids=adv_ids, input_ids=full, text=text, losses=losses, timesteps=used,
+                        unet_evals=len(losses), seconds=time.perf_counter() - start)
+
+
+def _decode(tokenizer, ids: torch.Tensor, probs: torch.Tensor, n: int):
+    """(adversarial ids, the full id sequence, its text): argmax tokens (text_grad_.py:164-171), decoded from the
+    sequence without its start token and EOS tokens (text_grad_.py:222-226)."""
+    adv = probs.detach().argmax(dim=-1).cpu()
+    full = insert_prefix(ids.cpu(), adv[None], n)[0].tolist()
+    text = tokenizer.decode([i for i in full[1:] if i != tokenizer.eos_token_id])
+    return adv.tolist(), full, text
+
+
+@dataclasses.dataclass
+class AttackResult:
+    """One prompt's outcome: the adversarial prompt, its image, whether the detector fires, and the cost."""
+
+    prompt: str
+    seed: int
+    text: str  # adversarial prompt ("" and no tokens when the unattacked prompt already succeeded)
+    token_ids: list[int]
+    input_ids: list[int]
+    image: np.ndarray  # H x W x 3 uint8, from the adversarial prompt (the prompt's own image if not attacked)
+    flagged: bool | None  # the detector on `image` (None without a detector)
+    attacked: bool
+    losses: list[float]
+    seconds: float
+    unet_evals: int  # optimisation passes + 2 x steps per generated image (classifier-free guidance)
+
+
+@register_attack("unlearndiffatk")
+class UnlearnDiffAtk:
+    """The attack over a prompt set: ``UnlearnDiffAtk(Config())(models, prompts, seeds, sampler, ...)``."""
+
+    Config = Config
+
+    def __init__(self, cfg: Config | None = None):
+        self.cfg = cfg or Config()
+
+    def __call__(self, models, prompts: Sequence[str], seeds: Sequence[int], sampler: Sampler, *,
+                 detector: Callable[[np.ndarray], np.ndarray] | None = None, guidance: float | None = None,
+                 params: dict[str, torch.Tensor] | None = None) -> list[AttackResult]:
+        """Attack each (prompt, seed). ``detector``: uint8 images (N x H x W x 3) -> N booleans (the concept is
+        there); ``params``: the erased model's delta tensors (None: the UNet as it is)."""
+        return [self.attack_one(models, p, int(s), sampler, detector=detector, guidance=guidance, params=params)
+                for p, s in zip(prompts, seeds, strict=True)]
+
+    def attack_one(self, models, prompt: str, seed: int, sampler: Sampler, *, detector=None,
+                   guidance: float | None = None, params=None) -> AttackResult:
+        start = time.perf_counter()
+        per_image = 2 * int(sampler.steps)
+        evals = 0
+
+        def image_of(text):
+            nonlocal evals
+            evals += per_image
+            img = generate(models, [text], sampler, seeds=[seed], guidance=guidance, params=params)
+            return img, (None if detector is None else bool(np.asarray(detector(img))[0]))
+
+        image, flagged = image_of(prompt)
+        if flagged:  # already succeeds unattacked: nothing to do (text_grad_.py:192-197)
+            return AttackResult(prompt, seed, "", [], [], image[0], True, False, [], time.perf_counter() - start, evals)
+        evals += per_image
+        # The target: the base model's (no params) latent of this prompt and seed. Deviation: the official target is
+        # the dataset's image (made by the base model) encoded again, VAE latent mean x 0.18215 (classifier_.py:95-100);
+        # we take the sampler's final latent directly, without the decode-encode round trip.
+        target = generate(models, [prompt], sampler, seeds=[seed], guidance=guidance, output="latent")
+        last = {}
+
+        def check(text):
+            last["text"], (last["image"], last["flagged"]) = text, image_of(text)
+            return bool(last["flagged"])
+
+        found = attack_prompt(models, prompt, seed, target, self.cfg, params=params,
+                              check=check if detector is not None else None)
+        if last.get("text") != found.text:
+            last["image"], last["flagged"] = image_of(found.text)
+        return AttackResult(prompt, seed, found.text, found.token_ids, found.input_ids, last["image"][0],
+                            last["flagged"], True, found.losses, time.perf_counter() - start,
+                            evals + found.unet_evals)
