@@ -23,9 +23,10 @@ install: .venv/.installed ## create .venv (if missing) and install everything
 demo: install ## install if needed, then run the main job on the default model
 	$(PY) -m erasure.train method=ours lambda=5
 
-test: install ## install if needed, then check the import contracts and run the test suite (slow tests excluded)
+test: install ## install if needed, then check the import contracts, run the test suite (slow tests excluded) and the robustness smoke
 	.venv/bin/lint-imports
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory robustness-smoke
 
 test-slow: install ## the slow tests only
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
@@ -88,6 +89,26 @@ results-smoke: install ## the results pipeline at tiny sizes (ours, 2 seeds, 2 l
 	  out=$(RESULTS_SMOKE_OUT) 'methods=[ours]' 'seeds=[0,1]' 'lambdas=[0,5]' probe_points=1 probe_seeds=1 \
 	  'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) $(SMOKE_SIZES) $(RESULTS_ARGS)
 # ---- end of results
+
+# ---- Robustness (issue 16): the experiment conf/experiment/robustness.yaml: every method of Table 1 (the runs of
+# make results, trained here when missing) and the base model attacked by every attack of eval/attacks/ under the
+# threat model conf/eval/robustness/$(MODEL).yaml -> outputs/robustness/robustness.{md,csv,tex,json,png}. Resumable.
+# On SD v1.4 (users' GPUs): make robustness MODEL=sd14 CONCEPT=nudity ROBUSTNESS_ARGS="jobs=1 threads=null"
+ROBUSTNESS_ARGS ?=
+ROBUSTNESS_SMOKE_OUT ?= outputs/robustness-smoke
+# smoke: ours and fmn, 1 seed, 2 training iterations, 2 prompts, every attack cut to a step or two
+ROBUSTNESS_SMOKE = 'methods=[ours,fmn]' 'seeds=[0]' 'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) \
+  robustness.prompts.n=2 robustness.attacks.random.draws=2 '++robustness.attacks.unlearndiffatk={n_timesteps: 1, iterations: 2}' \
+  robustness.attacks.ringabell.population=8 robustness.attacks.ringabell.generations=2 \
+  '++robustness.attacks.concept_inversion.steps=2' out=$(ROBUSTNESS_SMOKE_OUT) report=$(ROBUSTNESS_SMOKE_OUT)/report
+.PHONY: robustness robustness-smoke
+robustness: install ## every method x every attack, 3 seeds, toy world -> outputs/robustness/robustness.md (about 2 h on 2 CPU cores; resumable)
+	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.robustness model=$(MODEL) concept=$(CONCEPT) robustness=$(MODEL) $(ROBUSTNESS_ARGS)
+
+robustness-smoke: install ## the robustness pipeline at tiny sizes (ours and fmn, 1 seed, 2 prompts) -> $(ROBUSTNESS_SMOKE_OUT)/report (< 2 min)
+	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.robustness model=$(SMOKE_MODEL) concept=$(SMOKE_CONCEPT) robustness=$(SMOKE_MODEL) \
+	  $(ROBUSTNESS_SMOKE) $(ROBUSTNESS_ARGS)
+# ---- end of robustness
 
 # ---- lambda sweep and figures (issue 8)
 LAMBDAS ?= 0,0.5,1,1.5,5

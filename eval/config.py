@@ -15,8 +15,13 @@ CONF_DIR = ROOT / "conf"
 EVAL_CONF_DIR = CONF_DIR / "eval"
 
 
-def suite_options() -> list[str]:
-    return sorted(p.stem for p in (EVAL_CONF_DIR / "suite").glob("*.yaml"))
+def suite_options(group: str = "suite") -> list[str]:
+    return sorted(p.stem for p in (EVAL_CONF_DIR / group).glob("*.yaml"))
+
+
+# configs whose tier group defaults to the one named like the run's model: run.yaml (the suite), attack.yaml (the
+# threat model of the robustness evaluation)
+TIER_GROUP = {"run": "suite", "attack": "robustness"}
 
 
 def _value(overrides: list[str], key: str) -> str | None:
@@ -24,21 +29,23 @@ def _value(overrides: list[str], key: str) -> str | None:
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """``run`` (conf/eval/run.yaml) or ``experiment/<name>`` with the given overrides."""
+    """``run`` (conf/eval/run.yaml), ``attack`` (conf/eval/attack.yaml) or ``experiment/<name>`` with the given overrides."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     overrides = list(overrides)
-    suite, run = _value(overrides, "suite"), _value(overrides, "run")
-    if suite is None and run is not None and config_name == "run":
+    group = TIER_GROUP.get(config_name, "suite")
+    suite, run = _value(overrides, group), _value(overrides, "run")
+    if suite is None and run is not None and config_name in TIER_GROUP:
         cfg_path = Path(run) / "config.yaml"
         if not cfg_path.is_file():
             raise UserError(f"'{run}' is not a run folder (no config.yaml): pass the folder that erasure.train wrote")
         suite = str(OmegaConf.load(cfg_path).model.name)
-        if suite not in suite_options():
-            raise UserError(f"no evaluation suite for model '{suite}': pass suite=<one of {', '.join(suite_options())}>")
-        overrides.append(f"suite={suite}")
-    elif suite is not None and suite not in suite_options():
-        raise UserError(f"unknown suite '{suite}': choose one of {', '.join(suite_options())}")
+        if suite not in suite_options(group):
+            raise UserError(f"no {group} config for model '{suite}': pass {group}=<one of "
+                            f"{', '.join(suite_options(group))}>")
+        overrides.append(f"{group}={suite}")
+    elif suite is not None and suite not in suite_options(group):
+        raise UserError(f"unknown {group} '{suite}': choose one of {', '.join(suite_options(group))}")
     config_dir = EVAL_CONF_DIR
     if config_name.startswith("experiment/"):  # conf/experiment/ alone (model=, concept= stay plain keys), with
         config_dir, config_name = CONF_DIR / "experiment", config_name.split("/", 1)[1]  # the suite group of conf/eval/

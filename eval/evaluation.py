@@ -172,7 +172,7 @@ class Evaluation:
         probes = [s.name for s in specs if s.fn is None]
         if probes:
             raise UserError(f"suite '{self.suite.name}' lists {', '.join(probes)}: measured by the trainer's probe "
-                            "(summary.json), not by an evaluation suite")
+                            "(summary.json) or the robustness evaluation (python -m eval.attack), not by a suite")
         for spec in specs:
             mcfg = self.suite.metrics[spec.name] or OmegaConf.create({})
             t0 = time.perf_counter()

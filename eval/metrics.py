@@ -77,6 +77,11 @@ def register_probe_metric(name: str, higher_is_better: bool, label: str, fmt: st
     _add(MetricSpec(name, None, higher_is_better, label, fmt, tables))
 
 
+def register_attack_metric(name: str, higher_is_better: bool | None, label: str, fmt: str = "{:.3f}") -> None:
+    """Register a number of the robustness evaluation (eval/attacking.py measures it per attack, not a suite)."""
+    _add(MetricSpec(name, None, higher_is_better, label, fmt, ("robustness",)))
+
+
 def get_metric(name: str) -> MetricSpec:
     if name not in _METRICS:
         raise UserError(f"unknown metric '{name}': choose one of {', '.join(_METRICS)}")
@@ -91,9 +96,10 @@ def available_metrics() -> list[str]:
 def resolve(key: str) -> MetricSpec | None:
     """The registered metric a reported number measures: a metric's name (``ssim``; a probe curve point's
     ``concept_rate``), a run's evaluation result (``eval.ssim``), the probe's value after training
-    (``concept_rate_after``) or the summary field a metric copies (``train_time_s``). None for anything else (the
+    (``concept_rate_after``) or the summary field a metric copies (``train_time_s``); ``<name>@<qualifier>`` is the
+    metric measured under one condition (``asr_post@unlearndiffatk``: after that attack). None for anything else (the
     base model's ``<name>_before`` too)."""
-    name = key.removeprefix("eval.").removesuffix("_after")
+    name = key.split("@", 1)[0].removeprefix("eval.").removesuffix("_after")
     if name in _METRICS:
         return _METRICS[name]
     return next((s for s in _METRICS.values() if s.summary_key == name), None)
@@ -105,7 +111,8 @@ def heading(key: str) -> str:
     spec = resolve(key)
     if spec is None:
         raise UserError(f"'{key}' names no registered metric: choose one of {', '.join(_METRICS)}")
-    return f"{spec.label}{' (eval)' if key.startswith('eval.') else ''} {spec.arrow}".strip()
+    qualifier = f" ({key.split('@', 1)[1]})" if "@" in key else ""
+    return f"{spec.label}{' (eval)' if key.startswith('eval.') else ''}{qualifier} {spec.arrow}".strip()
 
 
 # ------------------------------------------------------------------------------------------------ nudenet
@@ -228,3 +235,12 @@ register_probe_metric("preserved_accuracy", True, "Shape acc. (other prompts)")
 register_probe_metric("preserved_color_accuracy", True, "Colour acc. (other prompts)", tables=("sweep",))
 register_probe_metric("ssim_target", True, "SSIM to base (target prompts)")
 register_probe_metric("replacement_rate", True, "Replacement rate", tables=("sweep",))
+
+
+# ---------------------------------------------------------------------- the robustness evaluation (eval/attacking.py)
+# Attack success rate: share of the threat model's (prompt, seed) pairs whose final image the concept's detector flags.
+# Columns ``asr_post@<attack>`` (``@<attack>/<threshold>`` for NudeNet's other thresholds).
+register_attack_metric("asr_pre", False, "ASR, no attack")  # the prompts as they are (the no_attack attack)
+register_attack_metric("asr_post", False, "ASR")  # after the attack named in the qualifier
+register_attack_metric("attack_seconds", None, "Attack s/prompt", fmt="{:.1f}")  # cost: wall clock per prompt
+register_attack_metric("attack_unet_evals", None, "UNet evals/prompt", fmt="{:.0f}")  # cost: UNet forward passes

@@ -109,6 +109,42 @@ def frontier(rows: list[dict], path: Path, title: str) -> Path | None:
     return save_figure(fig, path)
 
 
+def robustness(rows: list[dict], attacks: list[str], path: Path, title: str) -> Path | None:
+    """Post-attack success rate (y) against SSIM to the base model (x), one panel per attack (no attack first), one
+    marker per method, seeds as error bars; the base model as a star at the right edge."""
+    import numpy as np
+
+    runs = [r for r in rows if r["kind"] == "run" and "ssim_preserved" in r["values"]]
+    if not runs:
+        log.info("robustness plot: no run has the probe's SSIM (train on a model with a probe)")
+        return None
+    from erasure.images import pyplot, save_figure
+
+    plt = pyplot()
+    keys = ["asr_pre", *[f"asr_post@{a}" for a in attacks if a != "no_attack"]]
+    keys = [k for k in keys if any(k in r["values"] for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 3.4), squeeze=False, sharey=True)
+    base = next((r for r in rows if r["kind"] == "base"), None)
+    for ax, k in zip(axes[0], keys):
+        for i, r in enumerate(runs):
+            if k not in r["values"]:
+                continue
+            x, y = np.asarray(r["values"]["ssim_preserved"]), np.asarray(r["values"][k])
+            ax.errorbar([x.mean()], [y.mean()], xerr=[x.std()], yerr=[y.std()], marker="os^Dv<>p"[i % 8], capsize=3,
+                        ls="", label=r["system"])
+        if base and k in base["values"]:
+            ax.plot([1.0], [base["values"][k][0]], marker="*", ms=12, color="k", ls="", label=base["system"])
+        ax.set_title(heading(k), fontsize=9)
+        ax.set_xlabel(heading("ssim_preserved"), fontsize=8)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("attack success rate ↓")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def method_runs(runs: Path) -> dict[str, Path]:
     """Finished run folders below ``runs`` (summary.json), keyed by their method (summary's ``method``)."""
     out = {}

@@ -28,7 +28,7 @@ from erasure.errors import UserError
 from erasure.generation import Sampler, generate
 from erasure.teacher import swapped_params
 
-from . import register_attack
+from . import AttackResult, register_attack
 
 OFFICIAL = "OPTML-Group/Diffusion-MU-Attack@5a3e5d37fb8787113e5d479204ab593a60e303e0"
 
@@ -162,7 +162,7 @@ def insert_prefix(seq: torch.Tensor, adv: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclasses.dataclass
 class PromptAttack:
-    """What :func:`attack_prompt` found for one prompt."""
+    """What :func:`attack_prompts` found for one prompt."""
 
     token_ids: list[int]  # the k adversarial token ids (argmax of each distribution)
     input_ids: list[int]  # the whole 77-id sequence they make with the prompt
@@ -170,55 +170,82 @@ class PromptAttack:
     losses: list[float]  # the loss of every Adam step, in order
     timesteps: list[int]  # the timesteps optimised at (fewer than the schedule when `check` stopped early)
     unet_evals: int  # UNet forward passes (each with a backward) of the optimisation
-    seconds: float
+    seconds: float  # wall clock of the optimisation (shared equally by the prompts of one batch)
+
+
+def attack_prompts(models, prompts: Sequence[str], seeds: Sequence[int], target_latents: torch.Tensor, cfg: Config,
+                   params: dict[str, torch.Tensor] | None = None,
+                   check: Callable[[list[int], list[str]], Sequence[bool]] | None = None) -> list[PromptAttack]:
+    """Optimise k prefix-token distributions per prompt against the erased model's denoising loss on that prompt's
+    ``target_latents`` row (N x C x h x w, scaled by the VAE's factor: the base model's latent for the prompt and
+    seed). All prompts go through the UNet as one batch; each keeps its own distributions, its own Adam and its own
+    random stream (``torch.Generator().manual_seed(seed)``, which draws its tokens and its noise; the official code
+    draws from the global RNG that its generation just seeded with the prompt's seed, classifier_.py:142), and the
+    loss is the sum of the per-prompt losses, so a prompt's trajectory does not depend on the others in its batch.
+
+    The erased model is ``models.unet`` with ``params`` (a delta's tensors) swapped in. ``check(indices, texts)``,
+    if given, is called after each timestep's block with the current adversarial prompts of the prompts still being
+    attacked and returns which of them succeed; those stop there (the official early stop, text_grad_.py:222-233)."""
+    start = time.perf_counter()
+    tokenizer, device = models.tokenizer, models.device
+    table = models.text_encoder.get_input_embeddings().weight.detach()
+    vocab = table.shape[0]
+    n_prompts = len(prompts)
+    ids, lens = zip(*(prompt_ids(tokenizer, p, cfg.k) for p in prompts)) if n_prompts else ((), ())
+    ids = [i.to(device) for i in ids]
+    bases = [table[i] for i in ids]  # 1 x 77 x d each, the prompt's token embeddings (classifier_.py:102-106)
+    x0 = target_latents.to(device, torch.float32).reshape(n_prompts, *target_latents.shape[-3:])
+    abar = models.scheduler.alphas_cumprod
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    uniform = torch.full((cfg.k, vocab), 1.0 / vocab, device=device)  # text_grad_.py:70
+    probs = [project_to_simplex(uniform, cfg.projection_tol).requires_grad_(True) for _ in prompts]  # :74-76
+    opts = [torch.optim.Adam([p], lr=cfg.lr, weight_decay=cfg.weight_decay) for p in probs]  # text_grad_.py:79
+    losses = [[] for _ in prompts]
+    used = [[] for _ in prompts]
+    active = list(range(n_prompts))
+    with swapped_params(models.unet, params or {}):
+        for t in official_timesteps(cfg.n_timesteps, int(models.scheduler.config.num_train_timesteps)):
+            if not active:
+                break
+            for i in active:
+                used[i].append(t)
+            a_t = abar[t].to(device, torch.float32)
+            steps = torch.full((len(active),), t, device=device)
+            for _ in range(cfg.iterations):
+                embeds, noises = [], []
+                for i in active:
+                    adv, _ = straight_through_embeddings(probs[i], table, gens[i])
+                    embeds.append(insert_prefix(bases[i], adv[None], lens[i]))
+                    noises.append(torch.randn(x0.shape[1:], generator=gens[i]))  # classifier_.py:80
+                hidden = encode_embeddings(models.text_encoder, torch.cat([ids[i] for i in active]), torch.cat(embeds))
+                noise = torch.stack(noises).to(device)
+                x_t = a_t.sqrt() * x0[active] + (1 - a_t).sqrt() * noise  # classifier_.py:82-83
+                eps = models.unet(x_t, steps, encoder_hidden_states=hidden).sample
+                per_prompt = ((eps.float() - noise) ** 2).flatten(1).mean(1)  # MSE per prompt: classifier_.py:43,86
+                grads = torch.autograd.grad(per_prompt.sum(), [probs[i] for i in active])  # text_grad_.py:217
+                for i, g, loss in zip(active, grads, per_prompt.detach().tolist()):
+                    probs[i].grad = g
+                    opts[i].step()
+                    probs[i].data = project_to_simplex(probs[i].data, cfg.projection_tol)  # text_grad_.py:219-220
+                    losses[i].append(loss)
+            if check is not None:
+                done = check(list(active), [_decode(tokenizer, ids[i], probs[i], lens[i])[2] for i in active])
+                active = [i for i, ok in zip(active, done) if not ok]
+    seconds = (time.perf_counter() - start) / max(1, n_prompts)
+    out = []
+    for i in range(n_prompts):
+        adv_ids, full, text = _decode(tokenizer, ids[i], probs[i], lens[i])
+        out.append(PromptAttack(token_ids=adv_ids, input_ids=full, text=text, losses=losses[i], timesteps=used[i],
+                                unet_evals=len(losses[i]), seconds=seconds))
+    return out
 
 
 def attack_prompt(models, prompt: str, seed: int, target_latent: torch.Tensor, cfg: Config,
-                  params: dict[str, torch.Tensor] | None = None, generator: torch.Generator | None = None,
+                  params: dict[str, torch.Tensor] | None = None,
                   check: Callable[[str], bool] | None = None) -> PromptAttack:
-    """Optimise k prefix-token distributions against the erased model's denoising loss on ``target_latent``
-    (1 x C x h x w, scaled by the VAE's factor: the base model's latent for ``prompt`` and ``seed``).
-
-    The erased model is ``models.unet`` with ``params`` (a delta's tensors) swapped in. ``generator`` draws the
-    tokens and the noise (default: ``torch.Generator().manual_seed(seed)``; the official code draws from the global
-    RNG that its generation just seeded with the prompt's seed, classifier_.py:142). ``check(text)``, if given, is
-    called with the adversarial prompt after each timestep's block and ends the attack when it returns True (the
-    official early stop, text_grad_.py:222-233)."""
-    start = time.perf_counter()
-    generator = generator if generator is not None else torch.Generator("cpu").manual_seed(int(seed))
-    tokenizer, device = models.tokenizer, models.device
-    ids, n = prompt_ids(tokenizer, prompt, cfg.k)
-    ids = ids.to(device)
-    table = models.text_encoder.get_input_embeddings().weight.detach()
-    vocab = table.shape[0]
-    base = table[ids]  # 1 x 77 x d, the prompt's token embeddings (classifier_.py:102-106)
-    x0 = target_latent.to(device, torch.float32).reshape(1, *target_latent.shape[-3:])
-    abar = models.scheduler.alphas_cumprod
-    probs = torch.full((cfg.k, vocab), 1.0 / vocab, device=device)  # text_grad_.py:70
-    probs = project_to_simplex(probs, cfg.projection_tol).requires_grad_(True)  # text_grad_.py:74-76
-    opt = torch.optim.Adam([probs], lr=cfg.lr, weight_decay=cfg.weight_decay)  # text_grad_.py:79
-    losses, used = [], []
-    with swapped_params(models.unet, params or {}):
-        for t in official_timesteps(cfg.n_timesteps, int(models.scheduler.config.num_train_timesteps)):
-            used.append(t)
-            a_t = abar[t].to(device, torch.float32)
-            for _ in range(cfg.iterations):
-                opt.zero_grad()
-                adv, _ = straight_through_embeddings(probs, table, generator)
-                hidden = encode_embeddings(models.text_encoder, ids, insert_prefix(base, adv[None], n))
-                noise = torch.randn(x0.shape, generator=generator).to(device)  # classifier_.py:80
-                x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise  # classifier_.py:82-83
-                eps = models.unet(x_t, torch.tensor([t], device=device), encoder_hidden_states=hidden).sample
-                loss = F.mse_loss(eps, noise)  # classifier_.py:43,86 (l2)
-                probs.grad = torch.autograd.grad(loss, [probs])[0]  # text_grad_.py:217
-                opt.step()
-                probs.data = project_to_simplex(probs.data, cfg.projection_tol)  # text_grad_.py:219-220
-                losses.append(float(loss.detach()))
-            if check is not None and check(_decode(tokenizer, ids, probs, n)[2]):
-                break
-    adv_ids, full, text = _decode(tokenizer, ids, probs, n)
-    return PromptAttack(token_ids=adv_ids, input_ids=full, text=text, losses=losses, timesteps=used,
-                        unet_evals=len(losses), seconds=time.perf_counter() - start)
+    """:func:`attack_prompts` for one prompt (``check(text) -> bool``)."""
+    one = None if check is None else (lambda indices, texts: [bool(check(texts[0]))])
+    return attack_prompts(models, [prompt], [seed], target_latent, cfg, params=params, check=one)[0]
 
 
 def _decode(tokenizer, ids: torch.Tensor, probs: torch.Tensor, n: int):
@@ -230,26 +257,10 @@ def _decode(tokenizer, ids: torch.Tensor, probs: torch.Tensor, n: int):
     return adv.tolist(), full, text
 
 
-@dataclasses.dataclass
-class AttackResult:
-    """One prompt's outcome: the adversarial prompt, its image, whether the detector fires, and the cost."""
-
-    prompt: str
-    seed: int
-    text: str  # adversarial prompt ("" and no tokens when the unattacked prompt already succeeded)
-    token_ids: list[int]
-    input_ids: list[int]
-    image: np.ndarray  # H x W x 3 uint8, from the adversarial prompt (the prompt's own image if not attacked)
-    flagged: bool | None  # the detector on `image` (None without a detector)
-    attacked: bool
-    losses: list[float]
-    seconds: float
-    unet_evals: int  # optimisation passes + 2 x steps per generated image (classifier-free guidance)
-
-
 @register_attack("unlearndiffatk")
 class UnlearnDiffAtk:
-    """The attack over a prompt set: ``UnlearnDiffAtk(Config())(models, prompts, seeds, sampler, ...)``."""
+    """The attack over a prompt set: ``UnlearnDiffAtk(Config())(models, prompts, seeds, sampler, ...)``, all prompts
+    in one batch (images in the sampler's batches)."""
 
     Config = Config
 
@@ -261,39 +272,56 @@ class UnlearnDiffAtk:
                  params: dict[str, torch.Tensor] | None = None) -> list[AttackResult]:
         """Attack each (prompt, seed). ``detector``: uint8 images (N x H x W x 3) -> N booleans (the concept is
         there); ``params``: the erased model's delta tensors (None: the UNet as it is)."""
-        return [self.attack_one(models, p, int(s), sampler, detector=detector, guidance=guidance, params=params)
-                for p, s in zip(prompts, seeds, strict=True)]
-
-    def attack_one(self, models, prompt: str, seed: int, sampler: Sampler, *, detector=None,
-                   guidance: float | None = None, params=None) -> AttackResult:
         start = time.perf_counter()
+        prompts, seeds = [str(p) for p in prompts], [int(s) for s in seeds]
+        if len(prompts) != len(seeds):
+            raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
         per_image = 2 * int(sampler.steps)
-        evals = 0
+        evals = [0] * len(prompts)
 
-        def image_of(text):
-            nonlocal evals
-            evals += per_image
-            img = generate(models, [text], sampler, seeds=[seed], guidance=guidance, params=params)
-            return img, (None if detector is None else bool(np.asarray(detector(img))[0]))
+        def images_of(indices, texts):
+            for i in indices:
+                evals[i] += per_image
+            img = generate(models, texts, sampler, seeds=[seeds[i] for i in indices], guidance=guidance, params=params)
+            flags = [None] * len(indices) if detector is None else [bool(f) for f in np.asarray(detector(img))]
+            return img, flags
 
-        image, flagged = image_of(prompt)
-        if flagged:  # already succeeds unattacked: nothing to do (text_grad_.py:192-197)
-            return AttackResult(prompt, seed, "", [], [], image[0], True, False, [], time.perf_counter() - start, evals)
-        evals += per_image
-        # The target: the base model's (no params) latent of this prompt and seed. Deviation: the official target is
-        # the dataset's image (made by the base model) encoded again, VAE latent mean x 0.18215 (classifier_.py:95-100);
-        # we take the sampler's final latent directly, without the decode-encode round trip.
-        target = generate(models, [prompt], sampler, seeds=[seed], guidance=guidance, output="latent")
-        last = {}
+        images, flags = images_of(range(len(prompts)), prompts)
+        todo = [i for i, f in enumerate(flags) if not f]  # flagged unattacked: nothing to do (text_grad_.py:192-197)
+        first = time.perf_counter() - start
+        results: dict[int, AttackResult] = {}
+        for i in range(len(prompts)):
+            if i not in todo:
+                results[i] = AttackResult(prompts[i], seeds[i], "", [], [], images[i], True, False, [],
+                                          first / len(prompts), evals[i])
+        if todo:
+            # The target: the base model's (no params) latent of each prompt and seed. Deviation: the official target
+            # is the dataset's image (made by the base model) encoded again, VAE latent mean x 0.18215
+            # (classifier_.py:95-100); we take the sampler's final latent directly, without the decode-encode trip.
+            targets = generate(models, [prompts[i] for i in todo], sampler, seeds=[seeds[i] for i in todo],
+                               guidance=guidance, output="latent")
+            for i in todo:
+                evals[i] += per_image
+            last: dict[int, tuple] = {}
 
-        def check(text):
-            last["text"], (last["image"], last["flagged"]) = text, image_of(text)
-            return bool(last["flagged"])
+            def check(indices, texts):
+                real = [todo[j] for j in indices]
+                img, fl = images_of(real, texts)
+                for r, text, im, f in zip(real, texts, img, fl):
+                    last[r] = (text, im, f)
+                return [bool(f) for f in fl]
 
-        found = attack_prompt(models, prompt, seed, target, self.cfg, params=params,
-                              check=check if detector is not None else None)
-        if last.get("text") != found.text:
-            last["image"], last["flagged"] = image_of(found.text)
-        return AttackResult(prompt, seed, found.text, found.token_ids, found.input_ids, last["image"][0],
-                            last["flagged"], True, found.losses, time.perf_counter() - start,
-                            evals + found.unet_evals)
+            found = attack_prompts(models, [prompts[i] for i in todo], [seeds[i] for i in todo], targets, self.cfg,
+                                   params=params, check=check if detector is not None else None)
+            stale = [(i, f) for i, f in zip(todo, found) if last.get(i, ("",))[0] != f.text]
+            if stale:
+                img, fl = images_of([i for i, _ in stale], [f.text for _, f in stale])
+                for (i, f), im, flag in zip(stale, img, fl):
+                    last[i] = (f.text, im, flag)
+            rest = (time.perf_counter() - start - first) / len(todo)
+            for i, f in zip(todo, found):
+                text, im, flag = last[i]
+                results[i] = AttackResult(prompts[i], seeds[i], f.text, f.token_ids, f.input_ids, im, flag, True,
+                                          f.losses, first / len(prompts) + rest, evals[i] + f.unet_evals,
+                                          extra={"timesteps": len(f.timesteps)})
+        return [results[i] for i in range(len(prompts))]
