@@ -306,6 +306,15 @@ class SearchResult:
     text_fitness: float  # the score of text_input_ids (differs from `fitness` when decoding does not round-trip)
 
 
+def encoder_key(models) -> str:
+    """A content key of the text encoder (its token-embedding table and parameter count), so that the memoised
+    searches of an attack instance are found again in another process (the experiment's workers get the instance
+    the base model's attack filled) and never confused between two encoders."""
+    table = models.text_encoder.get_input_embeddings().weight.detach().float().cpu().numpy()
+    n = sum(p.numel() for p in models.text_encoder.parameters())
+    return f"{hashlib.sha256(table.tobytes()).hexdigest()[:16]}-{n}"
+
+
 @register_attack("ringabell")
 class RingABell:
     """The attack over a prompt set: ``RingABell(Config(csv_with=..., csv_without=...))(models, prompts, seeds,
@@ -322,7 +331,7 @@ class RingABell:
 
     def vector(self, models) -> torch.Tensor:
         """The concept vector (77 x d) from the config's source, computed once per text encoder."""
-        key = id(models.text_encoder)
+        key = encoder_key(models)
         if key not in self._vectors:
             cfg = self.cfg
             if cfg.vector is not None:
@@ -352,7 +361,7 @@ class RingABell:
 
     def search(self, models, prompt: str) -> SearchResult:
         """Ring-A-Bell's prompt discovery for ``prompt`` (memoised per text encoder and prompt)."""
-        key = (id(models.text_encoder), prompt)
+        key = (encoder_key(models), prompt)
         if key in self._searches:
             return self._searches[key]
         cfg, tok = self.cfg, models.tokenizer
@@ -396,7 +405,7 @@ class RingABell:
 
     def attack_one(self, models, prompt: str, seed: int, sampler: Sampler, *, detector=None,
                    guidance: float | None = None, params=None) -> AttackResult:
-        cached = (id(models.text_encoder), prompt) in self._searches
+        cached = (encoder_key(models), prompt) in self._searches
         found = self.search(models, prompt)
         vector_evals, self._pending_vector_evals = self._pending_vector_evals, 0
         start = time.perf_counter()
