@@ -97,10 +97,12 @@ results-smoke: install ## the results pipeline at tiny sizes (ours, 2 seeds, 2 l
 ROBUSTNESS_ARGS ?=
 ROBUSTNESS_SMOKE_OUT ?= outputs/robustness-smoke
 # smoke: ours and fmn, 1 seed, 2 training iterations, 2 prompts, every attack cut to a step or two
-ROBUSTNESS_SMOKE = 'methods=[ours,fmn]' 'seeds=[0]' 'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) \
-  robustness.prompts.n=2 robustness.attacks.random.draws=2 '++robustness.attacks.unlearndiffatk={n_timesteps: 1, iterations: 2}' \
-  robustness.attacks.ringabell.population=8 robustness.attacks.ringabell.generations=2 \
-  '++robustness.attacks.concept_inversion.steps=2' out=$(ROBUSTNESS_SMOKE_OUT) report=$(ROBUSTNESS_SMOKE_OUT)/report
+ROBUSTNESS_SMOKE = 'methods=[ours,fmn]' 'seeds=[0]' 'train_overrides="$(SMOKE_TRAIN)"' $(SMOKE_METHODS) robustness.prompts.n=2 \
+  ++robustness.attacks.random.draws=2 ++robustness.attacks.unlearndiffatk.n_timesteps=1 ++robustness.attacks.unlearndiffatk.iterations=2 \
+  ++robustness.attacks.ringabell.population=8 ++robustness.attacks.ringabell.generations=2 \
+  '++robustness.attacks.ringabell.with_concept=[a red circle]' '++robustness.attacks.ringabell.without_concept=[a red square]' \
+  ++robustness.attacks.concept_inversion.steps=2 ++robustness.attacks.concept_inversion.n_images=2 \
+  out=$(ROBUSTNESS_SMOKE_OUT) report=$(ROBUSTNESS_SMOKE_OUT)/report
 .PHONY: robustness robustness-smoke
 robustness: install ## every method x every attack, 3 seeds, toy world -> outputs/robustness/robustness.md (about 2 h on 2 CPU cores; resumable)
 	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.robustness model=$(MODEL) concept=$(CONCEPT) robustness=$(MODEL) $(ROBUSTNESS_ARGS)

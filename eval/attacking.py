@@ -470,7 +470,7 @@ def experiment(cfg: DictConfig, command: str) -> dict:
     if thresholds:
         md += ["## Other detector thresholds", "", render.to_markdown(thresholds)]
     md += ["Adversarial prompts: `<run>/attacks/<attack>/adversarial_prompts.csv` (the base model's in "
-           f"`{report}/base/attacks/`)."]
+           f"`{cfg.report}/base/attacks/`)."]
     if failed:
         md += ["", "Missing (training failed): " + "; ".join(failed.values())]
     write_text_atomic(report / "robustness.md", "\n".join(md) + "\n")

@@ -1,6 +1,8 @@
 """Ring-A-Bell (eval/attacks/ringabell.py): concept vector, fitness, genetic search and the attack on the tiny model."""
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -160,10 +162,23 @@ def test_attack_results_and_memoised_search(models, tiny_cfg):
     np.testing.assert_array_equal(r.image, generate(models, [r.text], sampler, seeds=[0], params=None)[0])
     assert r.text_evals > 0 and not r.extra["cached"] and r.extra["fitness"] == r.losses[-1]
     assert r.extra["concept_text_evals"] == 2 * len(WITH)
-    assert res[1].extra["cached"] and res[1].text_evals == 0 and res[1].text == r.text  # second seed: same search
+    # second seed: the same search, reused (its cost is still the attack's cost)
+    assert res[1].extra["cached"] and res[1].text_evals == r.text_evals and res[1].text == r.text
     again = attack(models, [PROMPT], [0], sampler, detector=None)[0]  # another erased model: no new search
-    assert again.extra["cached"] and again.text_evals == 0 and again.flagged is None and again.text == r.text
+    assert again.extra["cached"] and again.flagged is None and again.text == r.text
     np.testing.assert_array_equal(again.image, r.image)
+
+
+def test_search_kept_on_disk_is_found_by_another_instance(models, tmp_path):
+    first = RingABell(dataclasses.replace(small(), cache_dir=str(tmp_path)))
+    found = first.search(models, PROMPT)
+    (path,) = (tmp_path / "ringabell").glob("*.json")
+    other = RingABell(dataclasses.replace(small(), cache_dir=str(tmp_path)))
+    other._rng = None  # a new search would fail: the file must be read instead
+    assert other.search(models, PROMPT) == found
+    changed = RingABell(dataclasses.replace(small(), cache_dir=str(tmp_path), eta=1.0))  # another setting: searched
+    assert changed.search(models, PROMPT).token_ids != found.token_ids or len(list((tmp_path / "ringabell").glob("*"))) == 2
+    assert len(list((tmp_path / "ringabell").glob("*.json"))) == 2 and path.is_file()
 
 
 @pytest.mark.parametrize("bad", [
