@@ -110,3 +110,23 @@ def test_registry_names_the_attack_and_refuses_an_unknown_one():
         get_attack("nope")
     with pytest.raises(UserError, match="insertion"):
         Config(insertion="suffix_k")
+
+
+def test_batched_prompts_follow_their_single_prompt_trajectories(setup, tiny_cfg):
+    """attack_prompts runs prompts as one UNet batch; each keeps its own random stream and Adam, so its tokens and
+    losses are those of attacking it alone (up to float rounding of the batched UNet)."""
+    from eval.attacks.unlearndiffatk import attack_prompts
+
+    m, sampler, _, params = setup
+    prompts, seeds = [PROMPT, "a naked man on a beach"], [0, 3]
+    targets = generate(m, prompts, sampler, seeds=seeds, output="latent")
+    cfg = Config(iterations=3, n_timesteps=2)
+    together = attack_prompts(m, prompts, seeds, targets, cfg, params=params)
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        alone = attack_prompt(m, p, s, targets[i:i + 1], cfg, params=params)
+        assert together[i].token_ids == alone.token_ids and together[i].text == alone.text
+        np.testing.assert_allclose(together[i].losses, alone.losses, rtol=1e-4, atol=1e-6)
+    # the early stop is per prompt: the second stops after the first block, the first runs both
+    stop = attack_prompts(m, prompts, seeds, targets, cfg, params=params,
+                          check=lambda idx, texts: [i == 1 for i in idx])
+    assert [len(r.timesteps) for r in stop] == [2, 1] and [len(r.losses) for r in stop] == [6, 3]
