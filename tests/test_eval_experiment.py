@@ -13,7 +13,8 @@ from eval.config import compose
 from tests.conftest import ROOT
 
 EVAL = ROOT / "eval"
-ENTRY_POINTS = {"eval.run", "eval.generate", "eval.report", "eval.table1", "eval.results", "eval.sweep", "eval.figures"}
+ENTRY_POINTS = {"eval.run", "eval.generate", "eval.report", "eval.table1", "eval.results", "eval.sweep", "eval.figures",
+                "eval.attack", "eval.robustness"}
 TINY = ["model=tiny", "concept=nudity", "suite=tiny", "methods=[ours]",
         'train_overrides="trainer.iterations=2 trainer.preview_every=0"', '++method_overrides.ours="method.T=6"']
 
