@@ -409,7 +409,14 @@ def experiment(cfg: DictConfig, command: str) -> dict:
     jobs = {(s, m): train_job(cfg, m, out / "table1" / f"seed{s}" / "runs" / m, f"{m} seed={s}", [f"trainer.seed={s}"])
             for s in seeds for m in methods}
     t0 = time.perf_counter()
-    train_times, failed = run_training(list(jobs.values()), max(1, int(cfg.jobs or 1)), bool(cfg.reuse))
+    missing = {}
+    if not cfg.get("train", True):  # attack and report the finished runs only
+        from .experiment import needs_training
+
+        missing = {j.name: f"{j.name} (not trained)" for j in jobs.values() if needs_training(j, True)}
+    train_times, failed = run_training([j for j in jobs.values() if j.name not in missing],
+                                       max(1, int(cfg.jobs or 1)), bool(cfg.reuse))
+    failed.update(missing)
     timings = {"training_s": round(time.perf_counter() - t0, 1)}
     ok = {k: j for k, j in jobs.items() if j.name not in failed}
     if not ok:
@@ -441,7 +448,7 @@ def experiment(cfg: DictConfig, command: str) -> dict:
     n = base[0]["n"]
     note = (f"Attack success rate (ASR): share of the {n} (prompt, seed) pairs of the threat model whose final image "
             f"the detector flags; mean ± std over training seeds {', '.join(map(str, seeds))} (the base model does "
-            "not depend on them). Preservation: the run's probe (SSIM to the base model's images and shape accuracy "
+            f"not depend on them){'; some runs are missing (listed below; robustness.csv gives n per cell)' if failed else ''}. Preservation: the run's probe (SSIM to the base model's images and shape accuracy "
             "on the other shapes' prompts).")
     table = robustness_table(rows, attacks, f"Robustness: {concept}", note)
     render.write(table, report, "robustness")
@@ -472,7 +479,7 @@ def experiment(cfg: DictConfig, command: str) -> dict:
     md += ["Adversarial prompts: `<run>/attacks/<attack>/adversarial_prompts.csv` (the base model's in "
            f"`{cfg.report}/base/attacks/`)."]
     if failed:
-        md += ["", "Missing (training failed): " + "; ".join(failed.values())]
+        md += ["", "Missing runs: " + "; ".join(failed.values())]
     write_text_atomic(report / "robustness.md", "\n".join(md) + "\n")
     log.info("robustness done in %.0f s -> %s/robustness.md", timings["total_s"], report)
     return dict(markdown="\n".join(md) + "\n", data=data, meta=meta)
