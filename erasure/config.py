@@ -161,6 +161,9 @@ def validate(cfg: DictConfig):
     method_cls.validate_concept(cfg.concept)
     if tr.iterations < 1:
         raise UserError(f"trainer.iterations must be at least 1, got {tr.iterations}")
+    if method_cls.shape == "closed_form" and tr.iterations != 1:
+        raise UserError(f"method '{method_cls.name}' is a closed-form edit (one step): trainer.iterations must be 1, "
+                        f"got {tr.iterations}")
     for key, low in (("teacher_batch", 1), ("keep_checkpoints", 1), ("preview_every", 0), ("checkpoint_every", 0),
                      ("probe_points", 0), ("probe_seeds", 1)):
         if getattr(tr, key) < low:

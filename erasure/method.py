@@ -1,8 +1,16 @@
-"""What a method plugs into the shared trainer: a config schema, a default parameter subset and a loss.
+"""What a method plugs into the shared trainer: a config schema, a default parameter subset, and a loss or a
+closed-form edit.
 
 A method subclasses :class:`ErasureMethod`, declares ``Config`` (a dataclass: the schema of its
-``conf/method/<name>.yaml``) and implements :meth:`ErasureMethod.training_step`, returning its loss
-terms. Everything else (seeding, device, optimizer, loop, logging, previews, saving) is the trainer's.
+``conf/method/<name>.yaml``) and takes one of two shapes (the class attribute ``shape``, which the trainer reads
+from the registered class, never from the method's name):
+
+* ``"loss"`` (default): it implements :meth:`ErasureMethod.training_step`, returning its loss terms, and the
+  shared loop optimises the trainable subset with them;
+* ``"closed_form"`` (subclass :class:`ClosedFormMethod`): it implements :meth:`ErasureMethod.closed_form`,
+  returning the edited parameters at once; the trainer runs no optimizer and counts the edit as one step.
+
+Everything else (seeding, device, optimizer, loop, logging, previews, probe, saving the delta) is the trainer's.
 """
 from __future__ import annotations
 
@@ -29,6 +37,14 @@ class BaseMethodConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)  # torch defaults
     weight_decay: float = 0.0
     grad_clip: float | None = None  # max gradient norm, or null for none
+
+
+@dataclasses.dataclass
+class ClosedFormConfig:
+    """Keys every closed-form method config has (no optimizer settings: nothing is optimised)."""
+
+    name: str = "???"
+    iterations: int = 1  # the edit is one step: metrics.jsonl holds step 1, summary.json iterations 1
 
 
 @dataclasses.dataclass
@@ -68,6 +84,9 @@ class ErasureMethod:
     Config: type = BaseMethodConfig
     default_params: str = "to_out"  # documentation; the yaml's defaults list selects conf/params/<this>
     shortcuts: dict[str, str] = {}  # top-level config keys this method reads (erasure.config.SHORTCUTS) -> its field
+    # How the trainer runs the method (module docstring): "loss" = training_step inside the optimisation loop,
+    # "closed_form" = closed_form() once, no optimizer (erasure.session.Session.edit).
+    shape: str = "loss"
 
     def __init__(self, cfg: Any, ctx: TrainContext):
         self.cfg = cfg
@@ -125,6 +144,11 @@ class ErasureMethod:
         """Loss terms for one iteration; key ``loss`` is the total that is back-propagated."""
         return self.student_loss(self.teacher_work([self.draw(step)])[0])
 
+    def closed_form(self) -> dict[str, torch.Tensor]:
+        """The edited parameters (names of ``ctx.trainable`` -> new values), computed at once from the base weights
+        (shape ``"closed_form"``). Called under ``torch.no_grad``; calling it again gives the same edit."""
+        raise NotImplementedError
+
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. an EMA update)."""
 
@@ -138,3 +162,27 @@ class ErasureMethod:
     def export_params(self) -> dict[str, torch.Tensor]:
         """The weights that make the erased model (saved in the delta and used for previews)."""
         return {name: p.detach() for name, p in self.ctx.trainable.items()}
+
+
+class ClosedFormMethod(ErasureMethod):
+    """Base class of a method whose erasure is one edit in closed form (``models, cfg -> delta``), e.g. UCE.
+
+    The trainer calls :meth:`closed_form` once (step 1) instead of the loop, copies the result into the trainable
+    parameters, and then does what it does for every method: the delta with the base fingerprint, the callbacks'
+    previews and probe, ``summary.json`` with the time (``train_time_s``: the edit itself).
+    """
+
+    shape = "closed_form"
+    Config: type = ClosedFormConfig
+
+    @classmethod
+    def validate(cls, cfg: Any) -> None:
+        if cfg.iterations != 1:
+            raise UserError(f"method '{cls.name}' is a closed-form edit (one step): method.iterations must be 1, "
+                            f"got {cfg.iterations}")
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return []  # nothing is optimised
+
+    def training_step(self, step: int) -> dict[str, torch.Tensor]:
+        raise TypeError(f"method '{self.name}' is a closed-form edit: the trainer calls closed_form(), not training_step()")

@@ -1,5 +1,8 @@
 """One erasure run's optimisation state: the trainable subset, the frozen teacher, the method, AdamW, and one
 optimizer step. :func:`erasure.trainer.train` runs the loop around it; ``erasure.bench`` times it.
+
+A closed-form method (``method.shape == "closed_form"``, :class:`erasure.method.ClosedFormMethod`) gets no optimizer:
+its one step is :meth:`Session.edit`, which copies the method's edited parameters into the trainable ones.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ class Session:
     trainable: dict[str, torch.nn.Parameter]
     teacher: Teacher
     method: object
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None for a closed-form method
     step_fn: object
     precision: torch.dtype
     setup_time: float
@@ -99,6 +102,8 @@ class Session:
         with precision_context(models.device, precision):
             method = method_cls(method_cfg, ctx)  # a method's own preparation (e.g. anchor images) is timed apart
         setup_time = time.perf_counter() - setup_start
+        if method.shape == "closed_form":  # one edit (Session.edit), nothing to optimise
+            return cls(cfg, models, trainable, teacher, method, None, method.closed_form, precision, setup_time)
         lr = method.learning_rate()
         lr_scale = float(cfg.model.get("lr_scale", 1.0))
         if lr_scale != 1.0:  # a model tier's uniform factor on every method's learning rate (conf/model/toyworld.yaml)
@@ -139,8 +144,35 @@ class Session:
     def autocast(self):
         return precision_context(self.models.device, self.precision)
 
+    def edit(self) -> dict[str, torch.Tensor]:
+        """A closed-form method's one step: its edited parameters (``method.closed_form()``, computed in full precision)
+        are copied into the trainable ones. Returns ``relative_change``, ||W_new - W||_F / ||W||_F over all edited
+        tensors (W: their values before this step)."""
+        name = self.method.name
+        with torch.no_grad():
+            edited = self.step_fn()
+        outside = sorted(set(edited) - set(self.trainable))
+        if outside:
+            raise UserError(f"method '{name}' edits '{outside[0]}', which params={self.cfg.params.name} does not select: "
+                            f"choose a parameter subset that holds it (the method's default is params={self.method.default_params})")
+        change, norm = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            for key, value in edited.items():
+                p = self.trainable[key]
+                if value.shape != p.shape:
+                    raise ValueError(f"method '{name}' returned {tuple(value.shape)} for '{key}' of shape {tuple(p.shape)}")
+                if not torch.isfinite(value).all():
+                    raise UserError(f"method '{name}' computed a non-finite '{key}': check its settings (method.*); the run stopped")
+                change += (value.double() - p.double()).pow(2).sum().cpu()
+                norm += p.double().pow(2).sum().cpu()
+                p.copy_(value.to(p.device, p.dtype))
+        return {"relative_change": (change / norm.clamp_min(1e-30)).sqrt().float()}
+
     def step(self, step: int) -> dict[str, torch.Tensor]:
-        """One optimizer step; returns the (detached) loss terms. Stops on a non-finite term."""
+        """One optimizer step; returns the (detached) loss terms. Stops on a non-finite term.
+        (A closed-form method: its edit, :meth:`edit`.)"""
+        if self.method.shape == "closed_form":
+            return self.edit()
         with self.autocast():
             terms = self.step_fn(step)
         for name, value in sorted(terms.items(), key=lambda kv: kv[0] == "loss"):  # name a component before the total

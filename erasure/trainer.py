@@ -1,4 +1,5 @@
-"""The one shared trainer: the loop. A method supplies its loss; the trainer never branches on a method's name.
+"""The one shared trainer: the loop. A method supplies its loss, or its closed-form edit (``shape = "closed_form"``:
+one step, no optimizer, :meth:`erasure.session.Session.edit`); the trainer never branches on a method's name.
 
 ``train`` validates the config (once: :func:`erasure.config.validate`), loads the model, builds the
 :class:`erasure.session.Session` (trainable subset, frozen teacher, method, AdamW), runs the optimizer steps with a
@@ -91,11 +92,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
         for step in bar:
             terms = session.step(step)
             record = {"step": step, **{k: v.item() for k, v in terms.items()},
-                      "lr": session.optimizer.param_groups[0]["lr"]}
+                      **({"lr": session.optimizer.param_groups[0]["lr"]} if session.optimizer is not None else {})}
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             logger.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
-            bar.set_postfix(loss=f"{record['loss']:.4g}")
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss",) if k in record})
             t0 = time.perf_counter()  # previews, probe points and checkpoints are not training time
             for cb in callbacks:
                 cb.on_step(run, step, record)

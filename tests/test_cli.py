@@ -53,7 +53,7 @@ def test_user_errors_are_one_line_with_nonzero_exit(tmp_path, override, words):
     assert not (run / "delta.safetensors").exists()
 
 
-@pytest.mark.parametrize("method", ["esd", "sdd", "ablating", "fmn"])
+@pytest.mark.parametrize("method", ["esd", "sdd", "ablating", "fmn", "uce"])
 def test_lambda_is_all_but_ones_and_every_other_method_refuses_it(tmp_path, method):
     """`lambda=` is All but One's penalty weight: any other method stops with one sentence and exit code 2, before
     Hydra makes the run folder (it used to be accepted and silently ignored)."""
