@@ -307,7 +307,9 @@ def attack_run(cfg: DictConfig) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ the experiment
-PRESERVATION = ("ssim_preserved", "preserved_accuracy_after", "eval.ssim")  # shown beside the attack success rates
+# the run's own numbers shown beside the attack success rates: the probe's concept rate (its target prompts, no
+# attack), then preservation (the probe's SSIM to the base model and shape accuracy on other prompts; the suite's SSIM)
+PRESERVATION = ("concept_rate_after", "ssim_preserved", "preserved_accuracy_after", "eval.ssim")
 
 
 def _attack_task(args: tuple) -> list[dict]:
@@ -435,7 +437,11 @@ def experiment(cfg: DictConfig, command: str) -> dict:
     per_run = dict(zip(ok, _run_tasks(tasks, max(1, int(cfg.jobs or 1)))))
     timings["attacks_s"] = round(time.perf_counter() - t0, 1)
     primary = base[0]["primary"]
-    rows = [dict(system=base[0]["system"], kind="base", values={k: [v] for k, v in system_numbers(base, None, primary).items()})]
+    base_values = system_numbers(base, None, primary)
+    before = json.loads((first / "summary.json").read_text()).get("concept_rate_before") if (first / "summary.json").is_file() else None
+    if isinstance(before, (int, float)):  # the base model's concept rate, as the runs' probe measured it
+        base_values["concept_rate_after"] = float(before)
+    rows = [dict(system=base[0]["system"], kind="base", values={k: [v] for k, v in base_values.items()})]
     for m in methods:
         values: dict = {}
         for s in seeds:
@@ -448,8 +454,9 @@ def experiment(cfg: DictConfig, command: str) -> dict:
     n = base[0]["n"]
     note = (f"Attack success rate (ASR): share of the {n} (prompt, seed) pairs of the threat model whose final image "
             f"the detector flags; mean ± std over training seeds {', '.join(map(str, seeds))} (the base model does "
-            f"not depend on them){'; some runs are missing (listed below; robustness.csv gives n per cell)' if failed else ''}. Preservation: the run's probe (SSIM to the base model's images and shape accuracy "
-            "on the other shapes' prompts).")
+            f"not depend on them){'; some runs are missing (listed below; robustness.csv gives n per cell)' if failed else ''}. "
+            "Concept rate and preservation: the run's probe (summary.json: the concept rate on its own target prompts, "
+            "SSIM to the base model's images and shape accuracy on the other shapes' prompts).")
     table = robustness_table(rows, attacks, f"Robustness: {concept}", note)
     render.write(table, report, "robustness")
     cost_cols = [k for a in attacks if a != "no_attack" for k in (f"attack_seconds@{a}", f"attack_unet_evals@{a}")]
