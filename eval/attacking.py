@@ -323,31 +323,12 @@ def _attack_task(args: tuple) -> list[dict]:
     return [attack_system(target, threat, a, folder, instance=(instances or {}).get(a)) for a in attacks]
 
 
-def _worker_logging(queue, level: int) -> None:
-    import logging.handlers
-
-    root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(queue)]
-    root.setLevel(level)
-
-
 def _run_tasks(tasks: list[tuple], jobs: int) -> list[list[dict]]:
     if jobs <= 1 or len(tasks) <= 1:
         return [_attack_task(t) for t in tasks]
-    import logging.handlers
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from .experiment import map_in_workers
 
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    listener = logging.handlers.QueueListener(queue, *logging.getLogger().handlers, respect_handler_level=True)
-    listener.start()
-    try:
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_logging,
-                                 initargs=(queue, logging.getLogger().getEffectiveLevel())) as pool:
-            return list(pool.map(_attack_task, tasks))
-    finally:
-        listener.stop()
+    return map_in_workers(_attack_task, tasks, jobs)
 
 
 def system_numbers(summaries: list[dict], run_dir: Path | None, primary: str) -> dict:

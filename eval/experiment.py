@@ -191,12 +191,19 @@ def evaluate_tables(cfg: DictConfig, todo: dict, titles: dict) -> dict:
     workers = min(max(1, int(cfg.jobs or 1)), len(todo))
     if workers <= 1:
         return {k: evaluate_table(cfg, root, methods, titles[k]) for k, (root, methods) in todo.items()}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     root, methods = next(iter(todo.values()))
     evaluate(system_cfg(cfg, "base", root / "runs" / methods[0], root / "base"))
     log.info("evaluating %d tables, %d at a time", len(todo), workers)
+    container = OmegaConf.to_container(cfg, resolve=False)
+    args = [(container, str(root), methods, titles[k]) for k, (root, methods) in todo.items()]
+    return dict(zip(todo, map_in_workers(_table_in_worker, args, workers)))
+
+
+def map_in_workers(fn, args: list, workers: int) -> list:
+    """``[fn(a) for a in args]`` in ``workers`` spawned processes whose log records go to this process's handlers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     listener = logging.handlers.QueueListener(queue, *logging.getLogger().handlers, respect_handler_level=True)
@@ -204,9 +211,7 @@ def evaluate_tables(cfg: DictConfig, todo: dict, titles: dict) -> dict:
     try:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_logging,
                                  initargs=(queue, logging.getLogger().getEffectiveLevel())) as pool:
-            container = OmegaConf.to_container(cfg, resolve=False)
-            args = [(container, str(root), methods, titles[k]) for k, (root, methods) in todo.items()]
-            return dict(zip(todo, pool.map(_table_in_worker, args)))
+            return list(pool.map(fn, args))
     finally:
         listener.stop()
 
