@@ -132,6 +132,23 @@ def uce_weight(w_old: torch.Tensor, erase: torch.Tensor, guide: torch.Tensor, pr
     return torch.linalg.solve(b, a.T).T.to(w_old.dtype)  # B is symmetric: A B⁻¹ = (B⁻¹ Aᵀ)ᵀ (l.82: mat1 @ inverse(mat2))
 
 
+def require_attn2_kv(ctx, method: str) -> None:
+    """Refuse a parameter subset with anything beyond the attn2 key/value weights (sd_erase.py l.17-20)."""
+    other = [n for n in ctx.trainable if not EDITED.search(n)]
+    if other:
+        raise UserError(f"{method} edits only the cross-attention key/value weights (attn2.to_k/to_v), but "
+                        f"params={ctx.cfg.params.name} also selects '{other[0]}': use params=xattn_kv")
+
+
+def concept_prompts(concept) -> tuple[list[str], list[str], list[str]]:
+    """The concept's targets, one guide per target (a single guide serves every target, sd_erase.py l.142-145) and
+    its preserved prompts, from ``targets`` and the ``uce:`` section (checked by :meth:`UCE.validate_concept`)."""
+    settings = UCE.concept_settings(concept)
+    targets = [str(t) for t in concept.targets]
+    guides = list(settings.guides) * len(targets) if len(settings.guides) == 1 else list(settings.guides)
+    return targets, guides, list(settings.preserve)
+
+
 @register("uce")
 class UCE(ClosedFormMethod):
     Config = UCEConfig
@@ -167,14 +184,8 @@ class UCE(ClosedFormMethod):
 
     def __init__(self, cfg: UCEConfig, ctx):
         super().__init__(cfg, ctx)
-        other = [n for n in ctx.trainable if not EDITED.search(n)]
-        if other:
-            raise UserError(f"UCE edits only the cross-attention key/value weights (attn2.to_k/to_v), but "
-                            f"params={ctx.cfg.params.name} also selects '{other[0]}': use params=xattn_kv")
-        settings = self.concept_settings(ctx.concept)
-        self.targets = [str(t) for t in ctx.concept.targets]
-        self.guides = list(settings.guides) * len(self.targets) if len(settings.guides) == 1 else list(settings.guides)
-        self.preserve = list(settings.preserve)
+        require_attn2_kv(ctx, "UCE")
+        self.targets, self.guides, self.preserve = concept_prompts(ctx.concept)
         # W_old in float32, kept apart from the live parameters: the edit always starts from the base weights
         self.base = {name: p.detach().float().clone() for name, p in ctx.trainable.items()}
 
