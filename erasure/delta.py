@@ -1,7 +1,13 @@
-"""Erased weights as a delta: only the trained parameters, in safetensors, with metadata naming the base.
+"""Erased weights as a delta: only the trained tensors, in safetensors, with metadata naming the base.
 
 Metadata: ``base_model``, ``base_fingerprint`` (see :attr:`Models.fingerprint`), ``method``, ``params``,
 ``iterations`` and ``format``. A delta applied to a base whose fingerprint differs is refused.
+
+A delta holds edited UNet tensors (``erasure-delta/1``: the loss and closed-form shapes), adapter weights (an
+adapter method, :mod:`erasure.adapters`), or both. When it holds adapter weights, its metadata key ``adapters`` lists
+each adapter set's placement (layers), rank, alpha and gate, and its format is ``erasure-delta/2``, so that a checkout
+that predates adapters refuses it in words instead of failing on unknown parameter names. :func:`load_delta` attaches
+the described sets to the base UNet (as the identity) before anyone swaps or copies the weights in.
 """
 from __future__ import annotations
 
@@ -12,25 +18,31 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .adapters import attach_described
 from .errors import UserError
 from .io import atomic_write
 
 
 FORMAT = "erasure-delta/1"
+FORMAT_ADAPTERS = "erasure-delta/2"  # a delta with adapter weights (metadata ``adapters``)
+FORMATS = (FORMAT, FORMAT_ADAPTERS)
 META_KEY = "erasure"
 
 
-def save_delta(path: str | Path, params: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def save_delta(path: str | Path, params: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write ``params`` (float32, CPU) with ``metadata``: scalars as strings, lists and dicts (e.g. ``adapters``) as
+    JSON."""
     path = Path(path)
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in params.items()}
-    meta = {"format": FORMAT, **{k: str(v) for k, v in metadata.items()}}
+    fmt = FORMAT_ADAPTERS if metadata.get("adapters") else FORMAT
+    meta = {"format": fmt, **{k: v if isinstance(v, (list, dict)) else str(v) for k, v in metadata.items()}}
     # one metadata key holding sorted JSON: safetensors writes several keys in hash order, which would make
     # the bytes of two identical deltas differ (and so their sha256, the evaluation cache's key)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
     return path
 
 
-def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "delta.safetensors"
@@ -43,22 +55,33 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"'{path}' is not a readable safetensors delta ({exc}): re-run training or copy the file again") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"'{path}' is not an erasure delta (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("format") not in FORMATS:
+        raise UserError(f"'{path}' is not an erasure delta (format {meta.get('format')!r}, expected one of {', '.join(FORMATS)})")
     return tensors, meta
 
 
-def apply_delta(unet: torch.nn.Module, base_fingerprint: str, path: str | Path) -> dict[str, str]:
-    """Copy a delta's tensors into ``unet`` after checking it was trained on this base model."""
+def load_delta(unet: torch.nn.Module, base_fingerprint: str, path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A delta's tensors and metadata, after checking it was trained on this base model, attaching the adapter sets
+    it describes (identity: the UNet still computes the base model) and checking every tensor fits ``unet``.
+    Nothing is copied: swap the tensors in (``erasure.generation.generate(params=...)``) or :func:`apply_delta`."""
     tensors, meta = read_delta(path)
     if meta.get("base_fingerprint") != base_fingerprint:
         raise UserError(
             f"delta '{path}' was trained on base model {meta.get('base_model')!r} (fingerprint {meta.get('base_fingerprint')}), "
             f"but the loaded base has fingerprint {base_fingerprint}: load the same base model the delta was trained on")
+    if meta.get("adapters"):
+        attach_described(unet, meta["adapters"])
     named = dict(unet.named_parameters())
     for name, value in tensors.items():
         if name not in named or named[name].shape != value.shape:
             raise UserError(f"delta '{path}' has parameter '{name}' that does not fit this UNet: it belongs to another architecture")
+    return tensors, meta
+
+
+def apply_delta(unet: torch.nn.Module, base_fingerprint: str, path: str | Path) -> dict:
+    """Copy a delta's tensors into ``unet`` (its adapters attached first) after checking it was trained on this base."""
+    tensors, meta = load_delta(unet, base_fingerprint, path)
+    named = dict(unet.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
             named[name].copy_(value.to(named[name].device, named[name].dtype))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .adapters import gated
 from .teacher import swapped_params
 
 
@@ -85,7 +86,9 @@ def generate(models, prompts: Sequence[str], sampler: Sampler, *, seeds: Sequenc
 
     Exactly one of ``seeds`` (one per prompt), ``generator`` or ``latents`` (N x C x h x w) gives the initial noise.
     ``guidance`` overrides the sampler's; ``params`` are UNet weights swapped in for the call (an erased model's
-    delta, a student mid-training); ``output="uint8"`` returns N x H x W x 3 uint8 RGB, ``"latent"`` the final
+    delta, a student mid-training; adapter weights included, their sets attached beforehand: ``erasure.delta.load_delta``).
+    An attached adapter set with a gate runs, for each prompt, at the multiplier its method computes from that prompt
+    (:func:`erasure.adapters.gated`; the negative prompt's rows of classifier-free guidance get the same value); ``output="uint8"`` returns N x H x W x 3 uint8 RGB, ``"latent"`` the final
     latents (float32, on the model's device, already multiplied by the VAE's scaling factor). ``desc`` shows a
     progress bar over the images.
     """
@@ -117,10 +120,12 @@ def generate(models, prompts: Sequence[str], sampler: Sampler, *, seeds: Sequenc
                 noise = torch.randn((len(batch), *shape), generator=generator)
             else:
                 noise = latents[start:start + len(batch)]
-            result = pipe(prompt_embeds=models.encode_text(batch), negative_prompt_embeds=uncond.expand(len(batch), -1, -1),
-                          num_inference_steps=int(sampler.steps), guidance_scale=guidance,
-                          latents=noise.to(models.device, torch.float32), height=side, width=side,
-                          output_type="latent" if output == "latent" else "np").images
+            embeds = models.encode_text(batch)
+            with gated(models, batch, embeds):  # gated adapter sets: per-prompt multipliers (SPM's facilitated transport)
+                result = pipe(prompt_embeds=embeds, negative_prompt_embeds=uncond.expand(len(batch), -1, -1),
+                              num_inference_steps=int(sampler.steps), guidance_scale=guidance,
+                              latents=noise.to(models.device, torch.float32), height=side, width=side,
+                              output_type="latent" if output == "latent" else "np").images
             if output == "latent":
                 out.append(result.float())
             else:  # as diffusers' numpy_to_pil rounds: (x * 255).round()

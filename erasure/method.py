@@ -1,14 +1,18 @@
 """What a method plugs into the shared trainer: a config schema, a default parameter subset, and a loss or a
-closed-form edit.
+closed-form edit, on the UNet's own weights or on adapters.
 
 A method subclasses :class:`ErasureMethod`, declares ``Config`` (a dataclass: the schema of its
-``conf/method/<name>.yaml``) and takes one of two shapes (the class attribute ``shape``, which the trainer reads
+``conf/method/<name>.yaml``) and takes one of three shapes (the class attribute ``shape``, which the trainer reads
 from the registered class, never from the method's name):
 
 * ``"loss"`` (default): it implements :meth:`ErasureMethod.training_step`, returning its loss terms, and the
   shared loop optimises the trainable subset with them;
 * ``"closed_form"`` (subclass :class:`ClosedFormMethod`): it implements :meth:`ErasureMethod.closed_form`,
-  returning the edited parameters at once; the trainer runs no optimizer and counts the edit as one step.
+  returning the edited parameters at once; the trainer runs no optimizer and counts the edit as one step;
+* ``"adapter"`` (subclass :class:`AdapterMethod`): it implements :meth:`AdapterMethod.build_adapters`, attaching
+  adapter modules (:mod:`erasure.adapters`: LoRA-style ``up·down`` beside chosen layers, e.g. SPM's membrane) to the
+  UNet, and ``training_step`` as a loss method does; the loop trains the adapters' weights (plus the ``params=``
+  subset, usually ``params=none``), and the delta holds them with their placement.
 
 Everything else (seeding, device, optimizer, loop, logging, previews, probe, saving the delta) is the trainer's.
 """
@@ -21,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .adapters import AdapterSet
 from .errors import UserError
 from .models import Models
 from .teacher import Teacher
@@ -57,6 +62,7 @@ class TrainContext:
     concept: DictConfig
     cfg: DictConfig  # the whole composed config
     generator: torch.Generator  # CPU generator for all of the method's randomness (seeded by trainer.seed)
+    adapters: dict[str, AdapterSet] = dataclasses.field(default_factory=dict)  # an adapter method's sets, by name
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -85,7 +91,8 @@ class ErasureMethod:
     default_params: str = "to_out"  # documentation; the yaml's defaults list selects conf/params/<this>
     shortcuts: dict[str, str] = {}  # top-level config keys this method reads (erasure.config.SHORTCUTS) -> its field
     # How the trainer runs the method (module docstring): "loss" = training_step inside the optimisation loop,
-    # "closed_form" = closed_form() once, no optimizer (erasure.session.Session.edit).
+    # "closed_form" = closed_form() once, no optimizer (erasure.session.Session.edit), "adapter" = training_step
+    # on the adapters that build_adapters attached (erasure.session.Session.create).
     shape: str = "loss"
 
     def __init__(self, cfg: Any, ctx: TrainContext):
@@ -121,6 +128,11 @@ class ErasureMethod:
     def learning_rate(self) -> float:
         """The optimizer's learning rate; a method may derive it from its config (e.g. scale it by its batch size)."""
         return float(self.cfg.lr)
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (1, 2, ...) as a factor of :meth:`learning_rate` (a schedule;
+        a function of the step alone, so that a resumed run continues it exactly). Default: constant 1."""
+        return 1.0
 
     # Teacher work in bulk (trainer.teacher_batch > 1). A method whose iteration splits into
     #   draw(step)          -> the iteration's randomness, drawn from ctx.generator (e.g. x_T, t, target),
@@ -186,3 +198,33 @@ class ClosedFormMethod(ErasureMethod):
 
     def training_step(self, step: int) -> dict[str, torch.Tensor]:
         raise TypeError(f"method '{self.name}' is a closed-form edit: the trainer calls closed_form(), not training_step()")
+
+
+class AdapterMethod(ErasureMethod):
+    """Base class of a method that trains adapter modules instead of (or beside) a subset of the UNet's weights.
+
+    :meth:`build_adapters` attaches its sets to ``models.unet`` before anything else is set up (each adapter the
+    identity at first, :mod:`erasure.adapters`); the session adds their weights to the trainable parameters, so the
+    frozen teacher, AdamW, checkpoints, previews, the probe and the delta see them as they see a UNet subset. The
+    loop then calls ``training_step`` (or the teacher-bank holes) as for a loss method; ``ctx.adapters`` holds the
+    sets by name (a method with several, e.g. one per concept, may switch them with ``AdapterSet.multiplied``).
+    ``export_params`` defaults to every trainable tensor: the adapter weights, which the delta stores with each set's
+    placement; a method may instead return UNet tensors it computes from its adapters (e.g. a fusion into the
+    cross-attention weights), and then the delta holds no adapter at all.
+    """
+
+    shape = "adapter"
+
+    @classmethod
+    def build_adapters(cls, cfg: Any, models: Models, concept: DictConfig, generator: torch.Generator) -> list[AdapterSet]:
+        """Attach this method's adapter sets to ``models.unet`` (``erasure.adapters.attach(..., generator=generator)``,
+        placed e.g. with ``erasure.adapters.layers_inside``) and return them. ``concept``: the run's concept (what a
+        gate or a per-concept set needs to know); ``generator``: the run's seeded generator (initialisation)."""
+        raise NotImplementedError
+
+    @classmethod
+    def gate(cls, models: Models, prompts: list[str], prompt_embeds: torch.Tensor, settings: dict) -> torch.Tensor:
+        """Per-prompt multipliers (len(prompts),) of an adapter set whose ``gate`` names this method, computed each
+        time images are generated (``settings``: the set's gate dict, saved in the delta; ``prompt_embeds``: the
+        prompts' text-encoder outputs). Only needed by a method that gives its sets a gate."""
+        raise NotImplementedError

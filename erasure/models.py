@@ -96,8 +96,13 @@ class Models:
 
 
 def unet_fingerprint(unet: torch.nn.Module) -> str:
+    """The base UNet's fingerprint; attached adapters (:mod:`erasure.adapters`) are not part of the base."""
+    from .adapters import is_adapter_parameter
+
     h = hashlib.sha256()
     for name, tensor in sorted(unet.state_dict().items()):
+        if is_adapter_parameter(name):
+            continue
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -3,6 +3,9 @@ optimizer step. :func:`erasure.trainer.train` runs the loop around it; ``erasure
 
 A closed-form method (``method.shape == "closed_form"``, :class:`erasure.method.ClosedFormMethod`) gets no optimizer:
 its one step is :meth:`Session.edit`, which copies the method's edited parameters into the trainable ones.
+An adapter method (``shape == "adapter"``, :class:`erasure.method.AdapterMethod`) attaches its adapter sets first;
+their weights join the trainable parameters (after the ``params=`` subset, often empty: ``params=none``), so the
+teacher, optimizer and checkpoints treat them like any trained tensor.
 """
 from __future__ import annotations
 
@@ -72,11 +75,22 @@ class Session:
     step_fn: object
     precision: torch.dtype
     setup_time: float
+    base_lrs: list[float]  # each optimizer group's learning rate before the method's schedule (lr_factor); [] without
 
     @classmethod
     def create(cls, cfg: DictConfig, models: Models, method_cls, method_cfg) -> "Session":
         tr = cfg.trainer
+        n_unet = sum(p.numel() for p in models.unet.parameters())
         trainable = select_params(models.unet, cfg.params)
+        generator = torch.Generator("cpu").manual_seed(int(tr.seed))
+        adapters = {}
+        if method_cls.shape == "adapter":  # the method's adapter sets, attached as the identity (erasure.adapters)
+            for adapter_set in method_cls.build_adapters(method_cfg, models, cfg.concept, generator):
+                if not adapter_set.is_identity():
+                    raise ValueError(f"adapter set '{adapter_set.name}' of method '{method_cls.name}' does not start as "
+                                     "the identity (up weights must be zero): the teacher would not be the base model")
+                adapters[adapter_set.name] = adapter_set
+                trainable.update(adapter_set.named_parameters())
         for p in trainable.values():
             p.requires_grad_(True)
         precision = resolve_precision(str(tr.get("precision", "auto")), models.device)
@@ -89,21 +103,21 @@ class Session:
         teacher_mode = str(tr.get("teacher_precision", "autocast"))  # autocast | pure (erasure.config.validate)
         # pure: the frozen teacher runs entirely in the low precision (no per-op fp32 norms/casts); CPU stays fp32
         teacher = Teacher(models.unet, trainable, precision if teacher_mode == "pure" and precision != torch.float32 else None)
-        n_unet = sum(p.numel() for p in models.unet.parameters())
-        log.info("training %s: %.2fM of %.2fM UNet parameters (params=%s); the teacher holds only a frozen copy of "
+        log.info("training %s: %.2fM parameters (params=%s%s; UNet %.2fM); the teacher holds only a frozen copy of "
                  "those (%.1f MB instead of %.1f MB for a full UNet copy)", method_cls.name, count(trainable) / 1e6,
-                 n_unet / 1e6, cfg.params.name, teacher.numel() * 4 / 2**20, n_unet * 4 / 2**20)
+                 cfg.params.name, "".join(f", adapters '{n}' on {len(a.targets)} layers (rank {a.rank})"
+                                          for n, a in adapters.items()),
+                 n_unet / 1e6, teacher.numel() * 4 / 2**20, n_unet * 4 / 2**20)
         if tr.get("compile"):
             models.unet.compile()  # torch.compile through nn.Module.compile (experimental; GPU)
-        generator = torch.Generator("cpu").manual_seed(int(tr.seed))
         ctx = TrainContext(models=models, trainable=trainable, teacher=teacher, concept=cfg.concept, cfg=cfg,
-                           generator=generator)
+                           generator=generator, adapters=adapters)
         setup_start = time.perf_counter()
         with precision_context(models.device, precision):
             method = method_cls(method_cfg, ctx)  # a method's own preparation (e.g. anchor images) is timed apart
         setup_time = time.perf_counter() - setup_start
         if method.shape == "closed_form":  # one edit (Session.edit), nothing to optimise
-            return cls(cfg, models, trainable, teacher, method, None, method.closed_form, precision, setup_time)
+            return cls(cfg, models, trainable, teacher, method, None, method.closed_form, precision, setup_time, [])
         lr = method.learning_rate()
         lr_scale = float(cfg.model.get("lr_scale", 1.0))
         if lr_scale != 1.0:  # a model tier's uniform factor on every method's learning rate (conf/model/toyworld.yaml)
@@ -114,7 +128,8 @@ class Session:
         teacher_batch = int(tr.get("teacher_batch", 1))
         step_fn = TeacherBank(method, teacher_batch, int(tr.iterations)) \
             if teacher_batch > 1 and method.supports_teacher_bank else method.training_step
-        return cls(cfg, models, trainable, teacher, method, optimizer, step_fn, precision, setup_time)
+        base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        return cls(cfg, models, trainable, teacher, method, optimizer, step_fn, precision, setup_time, base_lrs)
 
     def state(self, step: int) -> dict:
         """Everything a resumed run needs to continue exactly (see erasure/checkpoint.py)."""
@@ -180,6 +195,9 @@ class Session:
                 raise UserError(f"loss term '{name}' became {value.item()} at step {step}: lower the learning rate "
                                 f"(method.lr) or check the inputs; the run stopped")
         self.optimizer.zero_grad(set_to_none=True)
+        factor = self.method.lr_factor(step)  # the method's schedule (constant unless it defines lr_factor)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
         terms["loss"].backward()
         clip = getattr(self.method.cfg, "grad_clip", None)
         if clip:

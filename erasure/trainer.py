@@ -1,5 +1,6 @@
 """The one shared trainer: the loop. A method supplies its loss, or its closed-form edit (``shape = "closed_form"``:
-one step, no optimizer, :meth:`erasure.session.Session.edit`); the trainer never branches on a method's name.
+one step, no optimizer, :meth:`erasure.session.Session.edit`), or adapters and their loss (``shape = "adapter"``:
+the session trains the adapters; the delta records their placement); the trainer never branches on a method's name.
 
 ``train`` validates the config (once: :func:`erasure.config.validate`), loads the model, builds the
 :class:`erasure.session.Session` (trainable subset, frozen teacher, method, AdamW), runs the optimizer steps with a
@@ -17,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from .adapters import described
 from .callbacks import Run, create_callbacks, drop_after
 from .checkpoint import list_checkpoints, load_checkpoint
 from . import registry
@@ -106,7 +108,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     meta = dict(base_model=models.source, base_fingerprint=models.fingerprint, model=cfg.model.name,
                 method=method_cls.name, params=cfg.params.name, iterations=iterations, seed=int(tr.seed),
                 concept=str(cfg.concept.name))
-    save_delta(run_dir / "delta.safetensors", run.params(), meta)
+    params = run.params()
+    adapters = described(models.unet, params)  # the placement of the adapter sets whose weights the delta holds
+    save_delta(run_dir / "delta.safetensors", params, {**meta, **({"adapters": adapters} if adapters else {})})
     summary = {**meta, "train_time_s": round(train_time, 3), "s_per_it": round(train_time / iterations, 5),
                "setup_time_s": round(session.setup_time, 3), "trainable_parameters": count(session.trainable),
                "final": {k: v for k, v in record.items() if k != "step"}}

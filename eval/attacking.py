@@ -144,7 +144,7 @@ class Target:
 
 
 def load_target(run_dir: str | Path, system: str, device: str = "auto") -> Target:
-    from erasure.delta import check_run_folder, read_delta
+    from erasure.delta import check_run_folder, load_delta
     from erasure.models import load_models
 
     if system not in SYSTEMS:
@@ -154,10 +154,8 @@ def load_target(run_dir: str | Path, system: str, device: str = "auto") -> Targe
     models = load_models(run_cfg.model, device)
     params = sha = None
     if system == "run":
-        tensors, meta = read_delta(run_dir / "delta.safetensors")
-        if meta.get("base_fingerprint") != models.fingerprint:
-            raise UserError(f"delta '{run_dir / 'delta.safetensors'}' was trained on base fingerprint "
-                            f"{meta.get('base_fingerprint')}, the loaded base is {models.fingerprint}: load the same base")
+        # refused for another base; attaches the delta's adapter sets (the identity until the params are swapped in)
+        tensors, _ = load_delta(models.unet, models.fingerprint, run_dir / "delta.safetensors")
         params = {k: v.to(models.device) for k, v in tensors.items()}
         sha = sha256_file(run_dir / "delta.safetensors")
     return Target(system, run_dir, run_cfg, models, params, sha)

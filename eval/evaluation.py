@@ -101,17 +101,11 @@ class Evaluation:
         return result["paths"]
 
     def _generate_erased(self, rows, folder, sampler, name):
-        from erasure.delta import apply_delta, read_delta
+        from erasure.delta import load_delta
 
-        if self._delta is None:
-            tensors, _ = read_delta(self.run_dir / "delta.safetensors")
-            named = dict(self.models.unet.named_parameters())
-            base_values = {k: named[k].detach().clone() for k in tensors if k in named}
-            apply_delta(self.models.unet, self.models.fingerprint, self.run_dir / "delta.safetensors")  # checks the base
-            with torch.no_grad():  # keep the UNet at the base weights outside erased generation
-                for k, v in base_values.items():
-                    named[k].copy_(v)
-            self._delta = tensors
+        if self._delta is None:  # checks the base and attaches the delta's adapter sets (the identity until swapped in);
+            # the UNet keeps the base weights outside erased generation
+            self._delta, _ = load_delta(self.models.unet, self.models.fingerprint, self.run_dir / "delta.safetensors")
         return generate(self.models, rows, folder, sampler, desc=f"{self.label}: {name}", params=self._delta)
 
     def images(self, name: str):
