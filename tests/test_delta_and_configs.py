@@ -141,6 +141,6 @@ def test_methods_are_found_in_a_checkout_that_was_never_installed(monkeypatch):
     monkeypatch.setattr(registry.METHODS, "_items", {})
     monkeypatch.setattr(registry.METHODS, "_loaded", False)
     for mod in ("erasure.allbutone.ours", "baselines.esd", "baselines.sdd", "baselines.ablating", "baselines.fmn",
-                "baselines.uce", "baselines.rece"):
+                "baselines.uce", "baselines.rece", "baselines.mace"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
-    assert registry.available() == ["ablating", "esd", "fmn", "ours", "rece", "sdd", "uce"]
+    assert registry.available() == ["ablating", "esd", "fmn", "mace", "ours", "rece", "sdd", "uce"]

@@ -117,6 +117,18 @@ def render(scene: Scene) -> Image.Image:
     return big.resize((SIZE, SIZE), Image.Resampling.BOX)
 
 
+def mask(scene: Scene) -> Image.Image:
+    """The object's exact mask as an 8-bit grey image: 255 where the shape covers at least half of the pixel, else 0.
+
+    Drawn from the same outline and super-sampling as :func:`render`, so it marks exactly the pixels whose colour is
+    mostly the object's (the role Grounded-SAM's masks play for MACE on real images; baselines/mace.py).
+    """
+    big = Image.new("L", (SIZE * _SS, SIZE * _SS), 0)
+    ImageDraw.Draw(big).polygon(_outline(scene), fill=255)
+    coverage = big.resize((SIZE, SIZE), Image.Resampling.BOX)
+    return coverage.point(lambda v: 255 if v >= 128 else 0)
+
+
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """One of several plain-English phrasings of the scene, with synonyms."""
     return caption_with_facts(scene, rng)[0]

@@ -1,0 +1,277 @@
+"""MACE (baselines/mace.py): the closed-form refinement and the LoRA fusion against independent least-squares solves
+and by hand, the attention-map loss by hand, the token alignment of the refinement by hand, the toy world's exact
+masks, and the trainer's path on the tiny model (delta = fused attn2.to_k/to_v, one LoRA per concept, round robin)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from baselines.mace import (MACE, aligned_positions, attention_map_loss, fuse_weight, gram, importance_weights,
+                            refine_weight)
+from erasure.config import validate
+from erasure.delta import load_run, read_delta
+from erasure.errors import UserError
+from erasure.models import load_models
+from erasure.session import Session
+from erasure.trainer import train
+from tests.conftest import ROOT, compose_cfg
+
+F64 = dict(dtype=torch.float64)
+
+
+def lstsq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """W minimising ‖X Wᵀ − Y‖² (rows of X: inputs, rows of Y: wanted outputs), by torch.linalg.lstsq."""
+    return torch.linalg.lstsq(x, y).solution.T
+
+
+# ------------------------------------------------------------------------------------------ closed forms
+
+
+@pytest.mark.parametrize("lamb,s", [(1e3, 0.0), (0.5, 2.0), (0.0, 0.3)])
+def test_refinement_is_the_least_squares_minimiser(lamb, s):
+    """λ‖W − W₀‖² + Σ_i ‖W e_i − W₀ g_i‖² + s Σ_j ‖W p_j − W₀ p_j‖² as one stacked least-squares problem."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, 6, generator=g, **F64)
+    e, gd = torch.randn(9, 6, generator=g, **F64), torch.randn(9, 6, generator=g, **F64)
+    p = torch.randn(3, 6, generator=g, **F64)
+    got = refine_weight(w0, gram(e), gd.T @ e, gram(p), lamb, s)
+    x = torch.cat([lamb ** 0.5 * torch.eye(6, **F64), e, s ** 0.5 * p])
+    y = torch.cat([lamb ** 0.5 * w0.T, gd @ w0.T, s ** 0.5 * p @ w0.T])
+    torch.testing.assert_close(got, lstsq(x, y), rtol=1e-9, atol=1e-9)
+
+
+def test_refinement_by_hand():
+    """d = 2, one row e = (1, 0) mapped to g = (0, 1), λ = 1: B = diag(2, 1), A = W₀ + W₀ g eᵀ, so the first column
+    becomes the mean of W₀'s two columns and the second stays: W e = (W₀ e + W₀ g) / 2, W g = W₀ g."""
+    w0 = torch.tensor([[1.0, 3.0], [-2.0, 4.0]], **F64)
+    e, g = torch.tensor([[1.0, 0.0]], **F64), torch.tensor([[0.0, 1.0]], **F64)
+    w = refine_weight(w0, gram(e), g.T @ e, torch.zeros(2, 2, **F64), 1.0, 0.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 3.0], [1.0, 4.0]], **F64))
+
+
+@pytest.mark.parametrize("lamb,s", [(1e3, 0.0), (0.5, 1.5), (0.0, 0.0)])
+def test_fusion_is_the_least_squares_minimiser(lamb, s):
+    """λ‖W − W_cfr‖² + Σ_k Σ_c ‖W c − (W_cfr + ΔW_k) c‖² + s Σ_j ‖W p_j − W₀ p_j‖², two rank-1 LoRAs."""
+    g = torch.Generator().manual_seed(1)
+    w0, w_cfr = torch.randn(4, 6, generator=g, **F64), torch.randn(4, 6, generator=g, **F64)
+    deltas = [torch.randn(4, 1, generator=g, **F64) @ torch.randn(1, 6, generator=g, **F64) for _ in range(2)]
+    rows = [torch.randn(7, 6, generator=g, **F64), torch.randn(5, 6, generator=g, **F64)]
+    p = torch.randn(2, 6, generator=g, **F64)
+    got = fuse_weight(w_cfr, w0, deltas, [gram(r) for r in rows], gram(p), lamb, s)
+    x = torch.cat([lamb ** 0.5 * torch.eye(6, **F64), *rows, s ** 0.5 * p])
+    y = torch.cat([lamb ** 0.5 * w_cfr.T, *[r @ (w_cfr + d).T for r, d in zip(rows, deltas)], s ** 0.5 * p @ w0.T])
+    torch.testing.assert_close(got, lstsq(x, y), rtol=1e-8, atol=1e-9)
+
+
+def test_fusion_by_hand():
+    """Concept 1 on e1, concept 2 on e2, λ = 1, d = 3: B = diag(2, 2, 1), so W* e1 = W e1 + ΔW_1 e1 / 2, likewise e2,
+    and e3 (no concept's prompt) keeps W e3. One concept whose rows span the space with λ = 0: W* = W + ΔW exactly."""
+    w = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 1.0]], **F64)
+    d1 = torch.tensor([[4.0, 0.0, 2.0], [2.0, 0.0, 0.0]], **F64)
+    d2 = torch.tensor([[0.0, 6.0, 0.0], [0.0, -2.0, 8.0]], **F64)
+    e = torch.eye(3, **F64)
+    got = fuse_weight(w, w, [d1, d2], [gram(e[:1]), gram(e[1:2])], torch.zeros(3, 3, **F64), 1.0, 0.0)
+    torch.testing.assert_close(got @ e[0], torch.tensor([3.0, 1.0], **F64))  # [1, 0] + [4, 2] / 2
+    torch.testing.assert_close(got @ e[1], torch.tensor([5.0, -2.0], **F64))  # [2, -1] + [6, -2] / 2
+    torch.testing.assert_close(got @ e[2], torch.tensor([3.0, 1.0], **F64))
+    full = torch.randn(10, 3, generator=torch.Generator().manual_seed(2), **F64)
+    torch.testing.assert_close(fuse_weight(w, w, [d1], [gram(full)], torch.zeros(3, 3, **F64), 0.0, 0.0), w + d1)
+
+
+def test_a_singular_system_is_refused_in_one_sentence():
+    with pytest.raises(UserError, match="closed form is singular.*method.lamb > 0"):
+        refine_weight(torch.ones(2, 3), torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3, 3), 0.0, 0.0)
+
+
+def test_aligned_positions_by_hand():
+    """The shared words keep their positions and the differing ones are left out (cfr_utils.py l.10-30); the padding
+    after each prompt's last kept token is paired from the end (l.107-112)."""
+    sot, eot = 49406, 49407
+    # "a circle" vs "a big shape": prefix [sot, a], suffix [eot]; old 3 is eot, new 4 is eot
+    old, new = aligned_positions([sot, 320, 7117, eot], [sot, 320, 1, 2, eot], 8)
+    assert old == [0, 1, 3, 4, 5, 6] and new == [0, 1, 4, 5, 6, 7]
+    # the concept first ("circle in a photo" vs "ground in a photo"): only its own token drops out
+    old, new = aligned_positions([sot, 7117, 530, 320, 1125, eot], [sot, 3, 530, 320, 1125, eot], 8)
+    assert old == new == [0, 2, 3, 4, 5, 6, 7]
+    # the mapping longer than the concept at the end of the prompt: the old side is cut so the lists pair up
+    old, new = aligned_positions([sot, 320, 7117, eot], [sot, 320, 1, 2, 3, eot], 7)
+    assert old == [0, 1, 3, 4] and new == [0, 1, 5, 6]  # new's eot at 5; old pads 4 only (7 - 2)
+
+
+# ---------------------------------------------------------------------------------------- attention loss
+
+
+def test_attention_map_loss_by_hand():
+    """Two layers (2×2 and 4×4 image positions), 2 heads, 3 keys; concept keys 1 and 2; mask = the top-left 2×2 of a
+    4×4 image. Nearest resizing keeps image position 0 of the 2×2 layer (pixel (0, 0)) and positions 0, 1, 4, 5 of the
+    4×4 one. The loss is Σ_layers sqrt(Σ selected²)."""
+    a = torch.arange(2 * 4 * 3, **F64).reshape(2, 4, 3) / 24
+    b = torch.arange(2 * 16 * 3, **F64).reshape(2, 16, 3) / 96
+    positions = torch.tensor([[False, True, True]])
+    mask = torch.zeros(1, 4, 4, **F64)
+    mask[0, :2, :2] = 1.0
+    sel_a = [a[h, q, k] for h in range(2) for q in (0,) for k in (1, 2)]
+    sel_b = [b[h, q, k] for h in range(2) for q in (0, 1, 4, 5) for k in (1, 2)]
+    expected = math.sqrt(sum(v.item() ** 2 for v in sel_a)) + math.sqrt(sum(v.item() ** 2 for v in sel_b))
+    assert attention_map_loss([a, b], positions, mask).item() == pytest.approx(expected, rel=1e-12)
+    squared = sum(v.item() ** 2 for v in sel_a + sel_b)
+    assert attention_map_loss([a, b], positions, mask, "squared").item() == pytest.approx(squared, rel=1e-12)
+    # no mask (use_mask=false): every image position
+    whole = math.sqrt((a[:, :, 1:] ** 2).sum().item()) + math.sqrt((b[:, :, 1:] ** 2).sum().item())
+    assert attention_map_loss([a, b], positions, None).item() == pytest.approx(whole, rel=1e-12)
+    # a batch of two, batch-major heads: the second image's mask and positions apply to rows 2-3
+    a2 = torch.cat([a, 2 * a])
+    pos2 = torch.tensor([[False, True, True], [True, False, False]])
+    mask2 = torch.stack([mask[0], torch.ones(4, 4, **F64)])
+    expected2 = math.sqrt(sum(v.item() ** 2 for v in sel_a) + ((2 * a)[:, :, 0] ** 2).sum().item())
+    assert attention_map_loss([a2], pos2, mask2).item() == pytest.approx(expected2, rel=1e-12)
+
+
+def test_importance_sampling_puts_the_mass_between_200_and_400():
+    p = importance_weights(1000)
+    assert p.sum().item() == pytest.approx(1.0) and 200 <= int(p.argmax()) <= 400
+    assert p[200:401].sum() > 0.85 and p[150:451].sum() > 0.98 and p[0] < 1e-3 * p.max() and p[999] < 1e-3 * p.max()
+    f = lambda t: 1 / (1 + math.exp(-0.05 * (t - 200))) - 1 / (1 + math.exp(-0.05 * (t - 400)))  # noqa: E731
+    assert (p[300] / p[100]).item() == pytest.approx(f(300) / f(100), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ toy data
+
+
+def test_toy_masks_are_exact_and_the_shipped_folder_is_reproduced(tmp_path):
+    from erasure.toyworld import world
+    from erasure.toyworld.mace_data import write_concept_data
+
+    scenes, images, _ = world.sample(4, 3, with_captions=False, shape="circle")
+    for scene, image in zip(scenes, images):
+        m = np.asarray(world.mask(scene)) > 0
+        px = np.asarray(image).astype(int)
+        obj = np.clip(np.array(world.RGB[scene.color]) + np.array(scene.jitter), 0, 255)
+        bg = np.array(world.RGB[scene.background])
+        # inside: nearer the object's colour than the background's; outside: the other way round
+        # (up to the rounding of pixels about half covered)
+        assert (np.abs(px[m] - obj).sum(1) <= np.abs(px[m] - bg).sum(1) + 6).all()
+        assert (np.abs(px[~m] - bg).sum(1) <= np.abs(px[~m] - obj).sum(1) + 6).all()
+        assert abs(m.sum() - math.pi * (scene.extent * world.SIZE / 2) ** 2) < 0.08 * m.sum()
+    write_concept_data(tmp_path, "circle", 8, 0)
+    shipped = ROOT / "data" / "mace" / "toyworld"
+    for sub in ("circle", "circle mask"):
+        names = sorted(p.name for p in (shipped / sub).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / sub).iterdir()) and len(names) == 8
+        for name in names:
+            assert np.array_equal(np.asarray(Image.open(shipped / sub / name)), np.asarray(Image.open(tmp_path / sub / name)))
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+
+
+def write_folder(root, concepts, n=3, side=32):
+    """Random images and half-image masks in the official layout."""
+    rng = np.random.default_rng(0)
+    for c in concepts:
+        (root / c).mkdir(parents=True)
+        (root / f"{c} mask").mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+            m = np.zeros((side, side), np.uint8)
+            m[:, : side // 2] = 255
+            Image.fromarray(m).save(root / f"{c} mask" / f"{i}_mask.png")
+
+
+TWO = ["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0", "concept.mace.concepts=[nudity,naked]",
+       "trainer.iterations=4"]
+
+
+@pytest.fixture(scope="module")
+def mace_run(tmp_path_factory):
+    data = tmp_path_factory.mktemp("mace_data")
+    write_folder(data, ["nudity", "naked"])
+    run = tmp_path_factory.mktemp("mace")
+    cfg = compose_cfg([*TWO, f"method.data_dir={data}", "method.lr=1e-2", "trainer.checkpoint_every=2"])
+    train(cfg, run)
+    return run, data
+
+
+def test_trainer_writes_the_fused_weights_as_the_delta(mace_run):
+    run, _ = mace_run
+    tensors, meta = read_delta(run)
+    assert meta["method"] == "mace" and meta["params"] == "xattn_kv" and meta["iterations"] == "4"
+    _, base = load_run(run, "cpu", base=True)
+    kv = {n: p.detach() for n, p in base.unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n}
+    assert set(tensors) == set(kv) and all(n.endswith(".weight") for n in tensors)
+    assert all(not torch.equal(tensors[n], kv[n]) for n in kv)  # every projection edited
+    _, erased = load_run(run, "cpu")  # erasure.generate's loader: the delta in the fingerprinted base
+    named = dict(erased.unet.named_parameters())
+    assert all(torch.equal(named[n].detach(), t) for n, t in tensors.items())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 and math.isfinite(r["loss"]) for r in rows)
+
+
+def test_one_lora_per_concept_round_robin_and_the_delta_is_their_fusion(mace_run):
+    """Rebuilt on the base model, the method's fusion of zero LoRAs is the refined weights. Restored from the step-2
+    checkpoint (steps 1, 3 train concept 0's LoRA; 2, 4 concept 1's) and stepped twice, it ends with the run's delta,
+    and that delta is fuse_weight of the refined weights and the two LoRAs."""
+    from erasure.checkpoint import list_checkpoints, load_checkpoint
+
+    run, data = mace_run
+    cfg = compose_cfg([*TWO, f"method.data_dir={data}", "method.lr=1e-2"])
+    method_cls, method_cfg = validate(cfg)
+    session = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, method_cfg)
+    m = session.method
+    before = m.export_params()  # LoRAs still zero: the fusion returns the refined weights
+    for name in m.base:
+        torch.testing.assert_close(before[name], m.refined[name], rtol=1e-5, atol=1e-6)
+    done, state = load_checkpoint(list_checkpoints(run)[-1])
+    assert done == 2
+    keys = [n for n in m.base if ".to_k." in n]  # (the last attn2's to_v reaches no attention map: no gradient)
+    for k in range(2):  # both LoRAs had one step: their key up factors left zero
+        assert all(state["method"]["lora"][f"{k}|{n}|up"].abs().sum() > 0 for n in keys)
+    session.restore(state)
+    # step 3 trains concept 0's LoRA only: its up factors get a gradient, concept 1's none
+    session.optimizer.zero_grad(set_to_none=True)
+    m.training_step(3)["loss"].backward()
+    assert all(m.loras[0][n][1].grad.abs().sum() > 0 for n in keys)
+    assert all(m.loras[1][n][0].grad is None and m.loras[1][n][1].grad is None for n in m.base)
+    session.restore(state)
+    for step in (3, 4):
+        session.step(step)
+    fused, (tensors, _) = m.export_params(), read_delta(run)
+    for name, t in tensors.items():
+        torch.testing.assert_close(fused[name], t, rtol=1e-5, atol=1e-6)
+        deltas = [(m.loras[k][name][1] @ m.loras[k][name][0]).detach() for k in range(2)]
+        expected = fuse_weight(m.refined[name], m.base[name], deltas, m.fusion_grams, m.preserve_gram, 1e3, 0.0)
+        torch.testing.assert_close(t, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["method.data=generate"], "data=generate makes images without masks"),
+    (["concept.mace.mappings=[a,b]"], "concept.mace.mappings has 2 entries for 4 concepts"),
+    (["+concept.mace.templates=[a photo]"], "must hold '\\{\\}'"),
+    (["+concept.mace.preserve=[naked]"], "concept.mace.preserve lists the concept 'naked'"),
+    (["method.rank=0"], "method.rank must be at least 1"),
+    (["method.loss_norm=l1"], "method.loss_norm must be frobenius or squared"),
+    (["+concept.mace.mapping=[x]"], "invalid concept.mace config"),
+])
+def test_bad_config_is_refused_in_one_sentence(overrides, match):
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=mace", *overrides])
+    with pytest.raises(UserError, match=match) as err:
+        validate(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["params=xattn"], r"MACE edits only .*params=xattn selects .*use params=xattn_kv"),
+    (["trainer.iterations=3"], "trainer.iterations=3 is fewer than the 4 concepts"),
+    ([], "MACE needs images of each concept"),
+    (["method.data_dir=/nonexistent"], "no folder '/nonexistent/nudity'"),
+])
+def test_refused_when_the_run_starts(tmp_path, overrides, match):
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0", *overrides])
+    with pytest.raises(UserError, match=match):
+        train(cfg, tmp_path)
+    assert MACE.shape == "loss"
