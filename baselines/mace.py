@@ -37,10 +37,12 @@ cfr_utils.py l.33-56), in three stages, all inside one run here:
    (:func:`fuse_weight`): one weight that answers each concept's prompts as that concept's LoRA does, without the
    LoRAs interfering. W* is what the delta holds (plain edited tensors of the ``xattn_kv`` subset).
 
-How this runs on the shared trainer (shape ``"loss"``): the method creates the LoRA factors itself and hands them to
-the optimizer (:meth:`MACE.parameters`); the UNet's own weights never change during training (the student is the
-UNet called with W_cfr + B A swapped in, ``torch.func.functional_call``), and :meth:`MACE.export_params` returns
-the fused W* -- for the previews, the probe and the delta. The official code trains the LoRAs one after the other
+How this runs on the shared trainer (shape ``"adapter"``, :class:`erasure.method.AdapterMethod`): each concept's
+LoRA is an adapter set ``mace_<k>`` (:mod:`erasure.adapters`, ``up·down`` beside every attn2 to_k / to_v), switched
+on only in its concept's steps; the ``params=xattn_kv`` weights hold W_cfr during training (the frozen teacher keeps
+their base values) and only the adapters are optimised (:meth:`MACE.parameters`). :meth:`MACE.export_params` returns
+the fused W* for the previews, the probe and the delta, which therefore holds plain to_k / to_v tensors and no
+adapter. The official code trains the LoRAs one after the other
 (``train_seperate: true``, each for ``max_train_steps``); here the loop visits the concepts in turn (step s trains
 concept (s − 1) mod K). The LoRAs share nothing and torch's AdamW skips a parameter without a gradient, so each
 LoRA sees the same sequence of updates as when trained alone; only the draws of the random generator interleave.
@@ -68,12 +70,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
+from erasure.adapters import AdapterSet, attach, is_adapter_parameter
 from erasure.config import check
 from erasure.errors import UserError
-from erasure.method import BaseMethodConfig, ErasureMethod
+from erasure.method import AdapterMethod, BaseMethodConfig
 from erasure.registry import register
+from erasure.teacher import student_eps
 
 from .common import generate_latents
 from .fmn import AttentionRecorder, concept_positions
@@ -324,10 +327,33 @@ def load_concept_folder(root: Path, concept: str, with_masks: bool, resolution: 
     return images, torch.stack([load(p, "L") for p in mask_paths])
 
 
+def concept_list(concept) -> list[str]:
+    """The concepts MACE erases, one LoRA each: ``mace.concepts``, or else the concept's targets."""
+    return list(MACE.concept_settings(concept).concepts) or [str(t) for t in concept.get("targets") or []]
+
+
 @register("mace")
-class MACE(ErasureMethod):
+class MACE(AdapterMethod):
     Config = MACEConfig
-    default_params = "xattn_kv"  # cfr_utils.py l.33-56: to_k and to_v of every attn2
+    # cfr_utils.py l.33-56: to_k and to_v of every attn2. The subset holds the refined weights during training and
+    # the fused ones in the delta; the frozen teacher keeps their base values (the probe's "before").
+    default_params = "xattn_kv"
+
+    @classmethod
+    def build_adapters(cls, cfg: MACEConfig, models, concept, generator: torch.Generator) -> list[AdapterSet]:
+        """One LoRA per concept on every attn2 to_k / to_v (cfr_lora_training.py l.329-363: the processors' to_k and
+        to_v LoRAs of attn2 are the ones trained), named ``mace_<k>``; each is switched off (multiplier 0) except
+        inside its concept's training step."""
+        targets = [name[: -len(".weight")] for name, _ in models.unet.named_parameters() if EDITED.search(name)]
+        sets = []
+        for k, _ in enumerate(concept_list(concept)):
+            adapter_set = attach(models.unet, f"mace_{k}", targets, cfg.rank, None)  # alpha = rank: scale 1
+            with torch.no_grad():  # mace_lora_atten_processor.py l.123-124: diffusers' LoRALinearLayer, down ~ N(0, (1/rank)²), up = 0
+                for adapter in adapter_set.modules.values():
+                    adapter.down.weight.copy_(torch.randn(adapter.down.weight.shape, generator=generator) / cfg.rank)
+            adapter_set.set_multiplier(0.0)
+            sets.append(adapter_set)
+        return sets
 
     @classmethod
     def validate(cls, cfg: MACEConfig) -> None:
@@ -357,7 +383,7 @@ class MACE(ErasureMethod):
         """The concept's ``mace:`` section: ``concepts`` (default the targets), ``mappings`` (one, or one per concept),
         ``type``, ``templates`` (each with one "{}"), ``preserve``, ``data_dir``."""
         s = cls.concept_settings(concept)
-        concepts = s.concepts or [str(t) for t in concept.get("targets") or []]
+        concepts = concept_list(concept)
         if s.type not in TEMPLATES:
             raise UserError(f"concept.mace.type must be object or style, got '{s.type}'")
         if len(s.mappings) not in (1, len(concepts)):
@@ -373,12 +399,15 @@ class MACE(ErasureMethod):
 
     def __init__(self, cfg: MACEConfig, ctx):
         super().__init__(cfg, ctx)
-        other = [n for n in ctx.trainable if not EDITED.search(n)]
-        if other or not ctx.trainable:
-            raise UserError(f"MACE edits only the cross-attention key/value weights (attn2.to_k/to_v), but "
-                            f"params={ctx.cfg.params.name} selects '{other[0] if other else 'nothing'}': use params=xattn_kv")
+        weights = {n: p for n, p in ctx.trainable.items() if not is_adapter_parameter(n)}
+        wanted = {n for n, _ in ctx.unet.named_parameters() if EDITED.search(n) and not is_adapter_parameter(n)}
+        if set(weights) != wanted:
+            odd = sorted(set(weights) - wanted) or ["nothing of attn2.to_k/to_v"]
+            raise UserError(f"MACE edits exactly the cross-attention key/value weights (attn2.to_k/to_v), but "
+                            f"params={ctx.cfg.params.name} selects '{odd[0]}': use params=xattn_kv")
         s = self.concept_settings(ctx.concept)
-        self.concepts = list(s.concepts) or [str(t) for t in ctx.concept.targets]
+        self.concepts = concept_list(ctx.concept)
+        self.sets = [ctx.adapters[f"mace_{k}"] for k in range(len(self.concepts))]
         self.mappings = list(s.mappings) * len(self.concepts) if len(s.mappings) == 1 else list(s.mappings)
         self.templates = list(s.templates) if s.templates else TEMPLATES[s.type]
         iterations = int(ctx.cfg.trainer.iterations)
@@ -389,10 +418,12 @@ class MACE(ErasureMethod):
         log.info("MACE: %d concept(s) %s -> %s, %d templates; LoRA steps per concept: %s", len(self.concepts),
                  self.concepts, self.mappings, len(self.templates), per)
         models, device = ctx.models, ctx.device
-        self.base = {name: p.detach().float().clone() for name, p in ctx.trainable.items()}
+        self.base = {name: p.detach().float().clone() for name, p in weights.items()}
         with torch.no_grad():
             self._prepare_closed_forms(s.preserve)
-        self._init_loras()
+            for name, p in weights.items():  # training runs on the refined weights (cfr_lora_training.py l.316-322)
+                p.copy_(self.refined[name].to(p.dtype))
+                p.requires_grad_(False)  # held, not trained: the LoRAs are
         self._prepare_data(s)
         self.probs_t = importance_weights(int(models.scheduler.config.num_train_timesteps)) \
             if cfg.importance_sampling else None
@@ -443,20 +474,7 @@ class MACE(ErasureMethod):
         self.refined = {name: refine_weight(w, erase_gram, cross_gram, self.preserve_gram, cfg.lamb, s_t)
                         for name, w in self.base.items()}
 
-    # ---- stage 2: LoRA factors and data
-    def _init_loras(self) -> None:
-        r = self.cfg.rank
-        self.loras: list[dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]] = []
-        for _ in self.concepts:
-            lora = {}
-            for name, w in self.base.items():
-                out_dim, in_dim = w.shape
-                # mace_lora_atten_processor.py l.123-124: diffusers' LoRALinearLayer, down ~ N(0, (1/rank)²), up = 0
-                down = torch.randn(r, in_dim, generator=self.ctx.generator) / r
-                lora[name] = (torch.nn.Parameter(down.to(self.ctx.device)),
-                              torch.nn.Parameter(torch.zeros(out_dim, r, device=self.ctx.device)))
-            self.loras.append(lora)
-
+    # ---- stage 2: the concepts' images
     def _prepare_data(self, s: MACEConcept) -> None:
         cfg, ctx, models = self.cfg, self.ctx, self.ctx.models
         self.latent_mean, self.latent_std, self.masks = [], [], []
@@ -492,11 +510,12 @@ class MACE(ErasureMethod):
                      " with masks" if masks is not None else " (no masks: whole image)")
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for lora in self.loras for name in sorted(lora) for p in lora[name]]
+        """The LoRA factors only (the refined to_k / to_v weights are held fixed)."""
+        return [p for adapter_set in self.sets for p in adapter_set.named_parameters().values()]
 
     def lora_delta(self, k: int, name: str) -> torch.Tensor:
-        down, up = self.loras[k][name]
-        return up @ down
+        """ΔW of concept k's LoRA on the projection whose weight is ``name``."""
+        return self.sets[k].modules[name[: -len(".weight")]].delta_weight()
 
     def _next_image(self, k: int) -> int:
         if not self._orders[k]:  # cfr_lora_training.py l.232-238: DataLoader(shuffle=True), batch size 1
@@ -519,9 +538,8 @@ class MACE(ErasureMethod):
         z = sched.add_noise(x0, noise, t)  # l.508
         j = ctx.randint(0, len(self.templates))  # dataset.py l.204: a random augmented prompt
         emb = self.prompt_emb[k][j][None].to(ctx.device)
-        weights = {name: self.refined[name] + self.lora_delta(k, name) for name in self.base}
-        with self.recorder.recording(ctx.unet):
-            functional_call(ctx.unet, weights, (z, t), {"encoder_hidden_states": emb})
+        with self.sets[k].multiplied(1.0), self.recorder.recording(ctx.unet):  # W_cfr + ΔW_k
+            student_eps(ctx.unet, z, t, emb)
             probs = list(self.recorder.probs)
         mask = self.masks[k][i][None] if cfg.use_mask and self.masks[k] is not None else None
         loss = attention_map_loss(probs, self.positions[k][j][None], mask, cfg.loss_norm)
@@ -531,18 +549,12 @@ class MACE(ErasureMethod):
     def export_params(self) -> dict[str, torch.Tensor]:
         """W*: the refined weights with every concept's LoRA fused in closed form (stage 3, :func:`fuse_weight`)."""
         cfg = self.cfg
-        return {name: fuse_weight(self.refined[name], w0, [self.lora_delta(k, name).detach() for k in range(len(self.loras))],
+        return {name: fuse_weight(self.refined[name], w0, [self.lora_delta(k, name).detach() for k in range(len(self.sets))],
                                   self.fusion_grams, self.preserve_gram, cfg.lamb, cfg.fuse_preserve_scale)
                 for name, w0 in self.base.items()}
 
     def state_dict(self) -> dict:
-        return {"lora": {f"{k}|{name}|{part}": p.detach() for k, lora in enumerate(self.loras)
-                         for name, pair in lora.items() for part, p in zip(("down", "up"), pair)},
-                "orders": [list(o) for o in self._orders]}
+        return {"orders": [list(o) for o in self._orders]}  # the LoRA weights are trainable tensors: the session saves them
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for key, value in state["lora"].items():
-                k, name, part = key.split("|")
-                self.loras[int(k)][name][0 if part == "down" else 1].copy_(value)
         self._orders = [[int(i) for i in o] for o in state["orders"]]

@@ -201,6 +201,7 @@ def test_trainer_writes_the_fused_weights_as_the_delta(mace_run):
     run, _ = mace_run
     tensors, meta = read_delta(run)
     assert meta["method"] == "mace" and meta["params"] == "xattn_kv" and meta["iterations"] == "4"
+    assert meta["format"] == "erasure-delta/1" and "adapters" not in meta  # fused tensors, no adapter
     _, base = load_run(run, "cpu", base=True)
     kv = {n: p.detach() for n, p in base.unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n}
     assert set(tensors) == set(kv) and all(n.endswith(".weight") for n in tensors)
@@ -228,22 +229,24 @@ def test_one_lora_per_concept_round_robin_and_the_delta_is_their_fusion(mace_run
         torch.testing.assert_close(before[name], m.refined[name], rtol=1e-5, atol=1e-6)
     done, state = load_checkpoint(list_checkpoints(run)[-1])
     assert done == 2
-    keys = [n for n in m.base if ".to_k." in n]  # (the last attn2's to_v reaches no attention map: no gradient)
+    keys = [n[: -len(".weight")] for n in m.base if ".to_k." in n]  # (the last attn2's to_v reaches no attention map)
     for k in range(2):  # both LoRAs had one step: their key up factors left zero
-        assert all(state["method"]["lora"][f"{k}|{n}|up"].abs().sum() > 0 for n in keys)
+        assert all(state["params"][f"{n}.erasure_adapters.mace_{k}.up.weight"].abs().sum() > 0 for n in keys)
     session.restore(state)
-    # step 3 trains concept 0's LoRA only: its up factors get a gradient, concept 1's none
+    # step 3 trains concept 0's LoRA only: its up factors get a gradient, concept 1's none; to_k/to_v none either
     session.optimizer.zero_grad(set_to_none=True)
     m.training_step(3)["loss"].backward()
-    assert all(m.loras[0][n][1].grad.abs().sum() > 0 for n in keys)
-    assert all(m.loras[1][n][0].grad is None and m.loras[1][n][1].grad is None for n in m.base)
+    assert all(m.sets[0].modules[n].up.weight.grad.abs().sum() > 0 for n in keys)
+    assert all(p.grad is None for p in m.sets[1].named_parameters().values())
+    assert all(session.trainable[n].grad is None for n in m.base)
+    assert all(s.multiplier == 0.0 for s in m.sets)  # off outside a training step
     session.restore(state)
     for step in (3, 4):
         session.step(step)
     fused, (tensors, _) = m.export_params(), read_delta(run)
     for name, t in tensors.items():
         torch.testing.assert_close(fused[name], t, rtol=1e-5, atol=1e-6)
-        deltas = [(m.loras[k][name][1] @ m.loras[k][name][0]).detach() for k in range(2)]
+        deltas = [m.sets[k].modules[name[: -len(".weight")]].delta_weight().detach() for k in range(2)]
         expected = fuse_weight(m.refined[name], m.base[name], deltas, m.fusion_grams, m.preserve_gram, 1e3, 0.0)
         torch.testing.assert_close(t, expected.float(), rtol=1e-5, atol=1e-6)
 
@@ -265,7 +268,7 @@ def test_bad_config_is_refused_in_one_sentence(overrides, match):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["params=xattn"], r"MACE edits only .*params=xattn selects .*use params=xattn_kv"),
+    (["params=xattn"], r"MACE edits exactly .*params=xattn selects .*use params=xattn_kv"),
     (["trainer.iterations=3"], "trainer.iterations=3 is fewer than the 4 concepts"),
     ([], "MACE needs images of each concept"),
     (["method.data_dir=/nonexistent"], "no folder '/nonexistent/nudity'"),
@@ -274,4 +277,4 @@ def test_refused_when_the_run_starts(tmp_path, overrides, match):
     cfg = compose_cfg(["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0", *overrides])
     with pytest.raises(UserError, match=match):
         train(cfg, tmp_path)
-    assert MACE.shape == "loss"
+    assert MACE.shape == "adapter"
