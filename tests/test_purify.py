@@ -99,6 +99,7 @@ def test_one_inversion_step_is_second_order_with_the_base_model(small_base):
             assert 3.0 < errors[big] / errors[small] < 5.5, (s, errors)  # second order: 4 in the limit
 
 
+@pytest.mark.slow  # 100-step inversions and samplings (about 50 s on 2 cores); second-order accuracy stays in the default suite
 def test_round_trip_with_the_base_model_regenerates_the_image_latent(small_base):
     models, z0 = small_base
     few = purify.purify_latents(models, z0, "", steps=25)[1]

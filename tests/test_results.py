@@ -26,6 +26,7 @@ def _sd(values):
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+@pytest.mark.slow  # the whole results-smoke pipeline, 6 trainings + evaluations (about 4 min on 2 cores): make test-slow
 def test_results_smoke_summaries_match_the_per_seed_files_and_a_rerun_trains_nothing(tmp_path):
     out = tmp_path / "results"
     meta = _make_smoke(out)

@@ -74,6 +74,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "has no checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # two training subprocesses for a compatibility case (about 50 s on 2 cores)
 def test_a_run_folder_from_before_lambda_was_ours_alone_still_resumes(tmp_path):
     """Run folders written before `lambda=` became All but One's own setting carry `lambda: 5.0` whatever the method;
     resuming one must neither be refused nor change what the method trains (it never read lambda)."""

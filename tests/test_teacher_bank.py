@@ -109,6 +109,7 @@ def test_esd_with_teacher_sampling_trains_the_same_delta_batched(tmp_path):
     assert session.method.supports_teacher_bank is False and session.step_fn == session.method.training_step
 
 
+@pytest.mark.slow  # a benchmark run (about 90 s on 2 cores); the bank's correctness: test_same_trained_delta_in_both_modes
 def test_bench_prints_the_table_and_json_with_the_teacher_accounting(capsys):
     """`python -m erasure.bench` on the tiny model: one JSON line keyed by method with the issue's fields; both modes
     evaluate the same teacher rows per iteration (the bank batches the work, it does not change it); the ceiling is
