@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import registry
+from .adapters import is_adapter_parameter
 from .cli import setup_logging
 from .config import CONF_DIR, compose
 from .errors import exit_on_user_error
@@ -45,6 +46,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def restore_base(unet: torch.nn.Module, base_state: dict) -> None:
+    """The base weights back in ``unet``; adapters a previous session attached (erasure.adapters) are set to zero,
+    the identity (a new session re-initialises them anyway)."""
+    missing, unexpected = unet.load_state_dict(base_state, strict=False)
+    if unexpected or any(not is_adapter_parameter(k) for k in missing):
+        raise RuntimeError(f"the UNet does not match the benchmark's base state: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    named = dict(unet.named_parameters())
+    with torch.no_grad():
+        for k in missing:
+            named[k].zero_()
+
+
 def time_training(models, base_state, overrides: list[str], iterations: int, profile: Path | None = None) -> dict:
     """Seconds per iteration of ``iterations`` optimizer steps (method set-up excluded), from the same base weights.
 
@@ -54,7 +67,7 @@ def time_training(models, base_state, overrides: list[str], iterations: int, pro
     cls = registry.get_method(cfg.method.name)
     mcfg = cls.parse_config(cfg.method)
     models.unet.to(torch.float32)  # a previous session may have cast frozen weights to bf16
-    models.unet.load_state_dict(base_state)
+    restore_base(models.unet, base_state)
     models.unet.requires_grad_(False)
     seed_everything(int(cfg.trainer.seed))
     if models.device.type == "cuda":
@@ -145,7 +158,7 @@ def precision_check(models, base_state, dtype: torch.dtype) -> dict:
 
     unet, dev = models.unet, models.device
     unet.to(torch.float32)
-    unet.load_state_dict(base_state)
+    restore_base(unet, base_state)
     g = torch.Generator("cpu").manual_seed(0)
     x = torch.randn(4, *models.latent_shape, generator=g).to(dev)
     emb = models.encode_text(["a photo of a cat", "a red circle", "a painting by van gogh", ""]).to(dev, torch.float32)
@@ -156,7 +169,7 @@ def precision_check(models, base_state, dtype: torch.dtype) -> dict:
     unet.to(dtype)
     pure = Teacher(unet, {}, dtype)(x, t, emb)
     unet.to(torch.float32)
-    unet.load_state_dict(base_state)
+    restore_base(unet, base_state)
 
     def rel(a):
         return float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
@@ -273,7 +286,7 @@ def main(argv: list[str]) -> dict:
         rows.append(name)
         log.info("%s: %s", name, results[name])
     models.unet.to(torch.float32)
-    models.unet.load_state_dict(base_state)
+    restore_base(models.unet, base_state)
     if models.device.type == "cuda" and models.dtype != torch.float32:
         models.unet.to(models.dtype)  # inference in the model's half precision, as the evaluation does on GPU
     gen_n = args.generation_images or (8 if args.quick else 32)

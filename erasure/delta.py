@@ -12,6 +12,7 @@ the described sets to the base UNet (as the identity) before anyone swaps or cop
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from .adapters import attach_described
 from .errors import UserError
 from .io import atomic_write
 
+
+log = logging.getLogger(__name__)
 
 FORMAT = "erasure-delta/1"
 FORMAT_ADAPTERS = "erasure-delta/2"  # a delta with adapter weights (metadata ``adapters``)
@@ -70,7 +73,9 @@ def load_delta(unet: torch.nn.Module, base_fingerprint: str, path: str | Path) -
             f"delta '{path}' was trained on base model {meta.get('base_model')!r} (fingerprint {meta.get('base_fingerprint')}), "
             f"but the loaded base has fingerprint {base_fingerprint}: load the same base model the delta was trained on")
     if meta.get("adapters"):
-        attach_described(unet, meta["adapters"])
+        for s in attach_described(unet, meta["adapters"]):
+            log.info("delta '%s': adapter set '%s' on %d layers (rank %d)%s", path, s.name, len(s.targets), s.rank,
+                     f", gated per prompt by method '{s.gate['method']}'" if s.gate else "")
     named = dict(unet.named_parameters())
     for name, value in tensors.items():
         if name not in named or named[name].shape != value.shape:

@@ -1,7 +1,9 @@
 """Generate images with an erased model: ``python -m erasure.generate run=<run folder> prompt="..." seed=0``.
 
-Loads the run's base model, applies its delta (refused if the base fingerprint differs), wraps the parts in a
-standard diffusers ``StableDiffusionPipeline`` and writes PNGs to ``<run>/generated/`` (or ``out=``).
+Loads the run's base model, applies its delta (refused if the base fingerprint differs; an adapter method's delta,
+e.g. SPM's, first attaches its adapters to the UNet, and a gated set, SPM's membrane, is scaled per prompt by the
+facilitated transport saved with it), wraps the parts in a standard diffusers ``StableDiffusionPipeline`` and writes
+PNGs to ``<run>/generated/`` (or ``out=``).
 Options: ``n=`` images (seeds seed, seed+1, ...), ``steps=``, ``guidance=``, ``base=true`` for the base model.
 """
 from __future__ import annotations

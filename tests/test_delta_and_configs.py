@@ -106,7 +106,8 @@ def test_every_config_file_composes(group):
 
 def test_method_defaults_have_one_source_the_schema():
     """A method's yaml names its schema and parameter subset and holds no value of its own: the composed method
-    config is exactly the schema's defaults (the dataclass, where each default cites its source)."""
+    config is exactly the schema's defaults (the dataclass, where each default cites its source), except the keys a
+    model tier's specialisation changes (conf/model_method/<model>_<method>.yaml, each saying why)."""
     from erasure import registry
 
     for option in sorted(p.stem for p in (CONF / "method").glob("*.yaml")):
@@ -115,8 +116,19 @@ def test_method_defaults_have_one_source_the_schema():
         assert f"{option}_schema" in list(own.defaults), option
         cfg = compose_cfg([f"method={option}"])
         cls = registry.get_method(option)
-        assert OmegaConf.to_container(cfg.method, resolve=True) == \
-            OmegaConf.to_container(OmegaConf.structured(cls.Config), resolve=True), option
+        expected = OmegaConf.structured(cls.Config)
+        special = CONF / "model_method" / f"{cfg.model.name}_{option}.yaml"
+        if special.is_file():
+            expected = OmegaConf.merge(expected, OmegaConf.load(special).get("method", {}))
+        assert OmegaConf.to_container(cfg.method, resolve=True) == OmegaConf.to_container(expected, resolve=True), option
+
+
+def test_a_model_method_specialisation_applies_to_its_pair_only_and_the_command_line_wins():
+    assert compose_cfg(["method=spm"]).method.iterations == 600  # conf/model_method/toyworld_spm.yaml
+    assert compose_cfg(["method=spm"]).trainer.iterations == 600
+    assert compose_cfg(["method=spm", "model=tiny"]).method.iterations == 3000  # the official default
+    assert compose_cfg(["method=spm", "method.iterations=7"]).method.iterations == 7
+    assert compose_cfg(["method=esd"]).method.iterations == 1000
     own = OmegaConf.load(CONF / "trainer" / "default.yaml")  # the trainer's only own value is the interpolation
     assert set(own) == {"defaults", "iterations"}
     assert OmegaConf.to_container(own, resolve=False)["iterations"] == "${method.iterations}"
@@ -141,6 +153,6 @@ def test_methods_are_found_in_a_checkout_that_was_never_installed(monkeypatch):
     monkeypatch.setattr(registry.METHODS, "_items", {})
     monkeypatch.setattr(registry.METHODS, "_loaded", False)
     for mod in ("erasure.allbutone.ours", "baselines.esd", "baselines.sdd", "baselines.ablating", "baselines.fmn",
-                "baselines.uce", "baselines.rece", "baselines.mace"):
+                "baselines.uce", "baselines.rece", "baselines.mace", "baselines.spm"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
-    assert registry.available() == ["ablating", "esd", "fmn", "mace", "ours", "rece", "sdd", "uce"]
+    assert registry.available() == ["ablating", "esd", "fmn", "mace", "ours", "rece", "sdd", "spm", "uce"]

@@ -1,0 +1,207 @@
+"""SPM (baselines/spm.py): the membrane against a direct matmul, the latent-anchoring loss against the official batch
+arithmetic, the facilitated-transport scale by hand, the learning-rate schedule against diffusers', and a short run
+on the tiny model whose delta loads with its transport."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.spm import (SPM, anchor_conditions, anchoring_loss, code_timestep, cosine_restarts_factor,
+                           erase_loss, sample_anchors, token_sets, transport_strength)
+from erasure.adapters import attach, attached
+from erasure.delta import load_run, read_delta
+from erasure.generation import default_sampler, generate
+from erasure.trainer import train
+from tests.conftest import compose_cfg
+
+
+# ---------------------------------------------------------------------------------------------- the membrane
+
+def test_membrane_is_a_rank_one_update_of_the_layer():
+    layer = nn.Sequential(nn.Linear(3, 2))
+    with torch.no_grad():
+        layer[0].weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0]]))
+        layer[0].bias.copy_(torch.tensor([0.5, -0.5]))
+    membrane = attach(layer, "spm", ["0"], rank=1, alpha=1.0).modules["0"]  # spm.py l.33-37, l.57-58: scale 1/1
+    with torch.no_grad():
+        membrane.down.weight.copy_(torch.tensor([[1.0, 2.0, -1.0]]))  # d
+        membrane.up.weight.copy_(torch.tensor([[3.0], [-2.0]]))  # u
+    x = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, -1.0]])
+    # W x + b + u (d . x): d . x = 2 and 3
+    expected = torch.tensor([[3.0 + 0.5 + 3 * 2, 0.0 - 0.5 - 2 * 2], [0.0 + 0.5 + 3 * 3, -1.0 - 0.5 - 2 * 3]])
+    torch.testing.assert_close(layer(x), expected)
+    direct = x @ (layer[0].weight + membrane.up.weight @ membrane.down.weight).T + layer[0].bias
+    torch.testing.assert_close(layer(x), direct)
+
+
+def test_membrane_sits_on_every_linear_and_conv_of_the_transformer_blocks(tiny_models):
+    blocks = [m for m in tiny_models.unet.modules() if type(m).__name__ == "Transformer2DModel"]
+    per_block = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in blocks[0].modules())  # 12 on SD's blocks
+    s = SPM.build_adapters(SPM.Config(), tiny_models, compose_cfg(["concept=nudity"]).concept,
+                           torch.Generator().manual_seed(0))[0]
+    assert len(s.targets) == len(blocks) * per_block
+    assert any(t.endswith("proj_in") for t in s.targets) and any(t.endswith("ff.net.2") for t in s.targets)
+    assert all(a.rank == 1 and a.scale == 1.0 for a in s.modules.values())
+    assert s.is_identity() and s.gate == dict(method="spm", concepts=["nudity"], metric="clipcos_tokenuni", power=2.0)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+def test_erase_loss_by_hand():
+    student = torch.tensor([1.0, 2.0])
+    positive, neutral = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    # g = 1: goal = n - (p - n) = [-2, 2]; errors [3, 0]; mean square 9/2
+    assert erase_loss(student, positive, neutral, 1.0).item() == pytest.approx(4.5)
+    # g = 2: goal = n - 2 (p - n) = [-4, 3]; errors [5, -1]; (25 + 1) / 2
+    assert erase_loss(student, positive, neutral, 2.0).item() == pytest.approx(13.0)
+    # the goal is a constant: the gradient reaches the student only, (student - goal) per element
+    s = student.clone().requires_grad_(True)
+    p, n = positive.clone().requires_grad_(True), neutral.clone().requires_grad_(True)
+    erase_loss(s, p, n, 1.0).backward()
+    torch.testing.assert_close(s.grad, torch.tensor([3.0, 0.0]))
+    assert p.grad is None and n.grad is None
+
+
+def fake_eps(weight: float):
+    """A stand-in UNet: ε(x, e) depends on both the latent and the condition, row by row."""
+    def eps(x, e):
+        return weight * x * e.mean(dim=(1, 2))[:, None, None, None] + e[:, :1, :1].reshape(-1, 1, 1, 1)
+    return eps
+
+
+def official_anchoring(student, base, z, anchors, uncond):
+    """train_spm.py l.242-262 with train_util.py l.161-176: the interleaved anchors through predict_noise at
+    guidance 1, the two halves of the batch recombined as unconditional + 1 * (conditional - unconditional)."""
+    n = anchors.shape[0]
+    embeds = torch.cat([torch.cat([uncond, a[None]]) for a in anchors])  # sampling.py l.24-25
+    latents = torch.cat([z.repeat(n, 1, 1, 1)] * 2)  # l.249, train_util.py l.161
+    outs = []
+    for eps in (student, base):
+        u, c = eps(latents, embeds).chunk(2)
+        outs.append(u + 1.0 * (c - u))
+    return F.mse_loss(outs[0], outs[1])  # prompt.py l.171
+
+
+def test_anchoring_loss_matches_the_official_batch_arithmetic():
+    g = torch.Generator().manual_seed(0)
+    z, uncond = torch.randn(1, 2, 2, 2, generator=g), torch.randn(1, 3, 5, generator=g)
+    anchors = torch.randn(4, 3, 5, generator=g)
+    student, base = fake_eps(1.3), fake_eps(0.7)
+    conds = anchor_conditions(anchors, uncond, "code")
+    for got, want in zip(conds, [uncond[0], anchors[2], uncond[0], anchors[3]]):  # [∅, a_3, ∅, a_4]
+        assert torch.equal(got, want)
+    zs = z.expand(len(conds), -1, -1, -1)
+    ours = anchoring_loss(student(zs, conds), base(zs, conds))
+    torch.testing.assert_close(ours, official_anchoring(student, base, z, anchors, uncond))
+    # every anchor (anchor_rows=all): the mean over a_1..a_4 only
+    za = z.expand(4, -1, -1, -1)
+    by_hand = sum(((student(za, anchors)[i] - base(za, anchors)[i]) ** 2).mean() for i in range(4)) / 4
+    torch.testing.assert_close(anchoring_loss(student(za, anchors), base(za, anchors)), by_hand)
+
+
+def test_anchors_are_random_directions_at_the_targets_scale():
+    target = torch.randn(1, 7, 4)
+    a = sample_anchors(target, 6, torch.Generator().manual_seed(0))
+    b = sample_anchors(target, 6, torch.Generator().manual_seed(0))
+    assert a.shape == (6, 7, 4) and torch.equal(a, b)
+    ratio = a.flatten(1).norm(dim=1) / target.norm()
+    assert bool(((ratio >= 0.8 - 1e-6) & (ratio <= 1.2 + 1e-6)).all())
+    # a target along one axis: a direction too close to it is rejected with probability cos (sampling.py l.18)
+    spike = torch.zeros(1, 1, 2)
+    spike[0, 0, 0] = 1.0
+    kept = sample_anchors(spike, 400, torch.Generator().manual_seed(1))[:, 0]
+    cos = F.cosine_similarity(kept, spike[0], dim=-1)
+    assert cos.mean() < -0.1  # drawn uniformly on the circle the mean would be 0
+
+
+def test_timestep_and_schedule_follow_the_code():
+    assert code_timestep(1, 30) == 966 and code_timestep(29, 30) == 33 and code_timestep(15, 30) == 499
+    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_cosine_with_hard_restarts_schedule_with_warmup(opt, num_warmup_steps=500, num_training_steps=3000,
+                                                               num_cycles=3)
+    for index in range(0, 3001, 7):
+        assert cosine_restarts_factor(index, 500, 3000, 3) == pytest.approx(sched.lr_lambdas[0](index), abs=1e-12)
+    assert cosine_restarts_factor(0, 500, 3000, 3) == 0.0  # the first step has learning rate 0 (LambdaLR at 0)
+
+
+# ---------------------------------------------------------------------------------------------- facilitated transport
+
+def test_transport_strength_by_hand():
+    prompts = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])  # 2 prompts, L = 2, d = 2
+    concepts = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 2.0], [0.0, 0.0]]])  # 2 concepts
+    # cos of the flattened outputs, p0 = (1,0,0,1), p1 = (0,1,1,0) against c0 = (1,0,1,0), c1 = (0,2,0,0):
+    #   p0: 1/2 with c0, 0 with c1;  p1: 1/2 with c0, 2/(sqrt(2)*2) = 1/sqrt(2) with c1
+    p_tokens, c_tokens = [{10, 20, 12}, {13}], [{10, 20}, {13, 14, 15, 16}]
+    # token overlap |P & C| / |C|: p0: 2/2 = 1 with c0, 0 with c1;  p1: 0 with c0, 1/4 with c1
+    r = 1 / math.sqrt(2)
+    # per concept the larger metric, then the largest concept: p0 max(1/2, 1) = 1 (the tokens decide),
+    # p1 max(max(1/2, 0), max(1/sqrt(2), 1/4)) = 1/sqrt(2) (the embeddings decide)
+    torch.testing.assert_close(transport_strength(prompts, p_tokens, concepts, c_tokens, "clipcos_tokenuni"),
+                               torch.tensor([1.0, r]))
+    torch.testing.assert_close(transport_strength(prompts, p_tokens, concepts, c_tokens, "tokenuni"),
+                               torch.tensor([1.0, 0.25]))
+    torch.testing.assert_close(transport_strength(prompts, p_tokens, concepts, c_tokens, "clipcos"),
+                               torch.tensor([0.5, r]))
+
+
+def test_gate_on_the_tiny_model_is_gamma_squared(tiny_models):
+    settings = dict(method="spm", concepts=["nudity"], metric="clipcos_tokenuni", power=2.0)
+    prompts = ["nudity", "a photo of nudity", "a photo of a cat"]
+    embeds = tiny_models.encode_text(prompts)
+    assert token_sets(tiny_models.tokenizer, ["a cat"]) == [{320, 2368}]  # no <|startoftext|>, <|endoftext|>, padding
+    got = SPM.gate(tiny_models, prompts, embeds, settings)
+    cos = F.cosine_similarity(embeds.flatten(1), tiny_models.encode_text(["nudity"]).flatten(1), dim=-1)
+    overlap = torch.tensor([1.0, 1.0, 0.0])  # "nudity" is one token (infer_spm.py l.44-50)
+    torch.testing.assert_close(got, torch.maximum(cos, overlap) ** 2)
+    assert got[0].item() == pytest.approx(1.0) and got[2].item() < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def spm_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("spm")
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=spm", "trainer.iterations=3", "method.ddim_steps=3",
+                       "method.lr_warmup_steps=1", "method.lr=1e-2", "method.anchors=2", "trainer.preview_every=0"])
+    train(cfg, run)
+    return run
+
+
+def test_spm_run_trains_the_membrane_and_its_delta_generates_with_transport(spm_run):
+    rows = [json.loads(line) for line in (spm_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["erase"] + 1000.0 * r["anchor"], rel=1e-5)
+    # the schedule: warm-up of 1 step (lr 0 at the first), then cosine with 3 restarts over the 3 steps
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * cosine_restarts_factor(i, 1, 3, 3) for i in range(3)])
+    tensors, meta = read_delta(spm_run)
+    assert meta["method"] == "spm" and meta["params"] == "none" and meta["format"] == "erasure-delta/2"
+    (desc,) = meta["adapters"]
+    assert desc["name"] == "spm" and desc["rank"] == 1 and desc["gate"]["concepts"] == ["nudity"]
+    assert set(tensors) == {f"{t}.erasure_adapters.spm.{w}.weight" for t in desc["targets"] for w in ("down", "up")}
+    assert any(tensors[f"{t}.erasure_adapters.spm.up.weight"].any() for t in desc["targets"])  # trained
+
+    _, models = load_run(spm_run, "cpu")  # erasure.generate's loader
+    membrane = attached(models.unet)["spm"]
+    sampler = default_sampler(models, compose_cfg(["model=tiny"]).model, steps=2)
+    prompts = ["nudity", "a photo of a cat"]
+    with_transport = generate(models, prompts, sampler, seeds=[0, 0])
+    gamma2 = SPM.gate(models, prompts, models.encode_text(prompts), desc["gate"])
+    assert gamma2[0].item() == pytest.approx(1.0) and gamma2[1].item() < 1.0
+    membrane.gate = None  # the same membrane at fixed multipliers: γ² reproduces the transport, 1 does not
+    by_hand = []
+    for prompt, g in zip(prompts, gamma2):
+        membrane.set_multiplier(torch.tensor([g.item()]))
+        by_hand.append(generate(models, [prompt], sampler, seeds=[0])[0])
+    np.testing.assert_array_equal(np.stack(by_hand), with_transport)
+    membrane.set_multiplier(1.0)
+    full = generate(models, prompts[1:], sampler, seeds=[0])
+    assert not np.array_equal(full[0], with_transport[1])
