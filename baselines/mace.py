@@ -89,7 +89,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Prompt augmentation: cfr_utils.py l.257-343 (``prompt_augmentation``), the templates of an object (l.261-293) and of
 # a style (l.298-330); the configs take all of them (aug_length 30 of prompt_len 30: every template, dataset.py
-# l.145). A concept yaml may give its own (``mace.templates``), e.g. the toy world's caption grammar.
+# l.145). A concept yaml may give its own (``mace.templates``), e.g. the toy world's caption grammar, and a concept of
+# another kind its own list (``mace.concept_templates``, e.g. a colour among shapes).
 OBJECT_TEMPLATES = [
     "{} in a photo", "{} in a snapshot", "A snapshot of {}", "A photograph showcasing {}", "An illustration of {}",
     "A digital rendering of {}", "A visual representation of {}", "A graphic of {}", "A shot of {}", "A photo of {}",
@@ -166,6 +167,10 @@ class MACEConcept:
     mappings: list[str] = dataclasses.field(default_factory=list)
     type: str = "object"  # object | style (multi_concept's second field, e.g. [ship, object]): templates, images
     templates: list[str] | None = None  # "{}" = the concept (or mapping); null = the official ones of ``type``
+    # templates of single concepts, by concept, in place of ``templates`` for that concept: concepts of different
+    # kinds in one run (a colour among shapes: "a {} square"), as the official code picks each concept's templates
+    # by its own type (multi_concept: [[ship, object], ...]; cfr_utils.py l.257-343)
+    concept_templates: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     preserve: list[str] = dataclasses.field(default_factory=list)  # prompts kept (all 77 positions; cache_coco.py)
     data_dir: str | None = None  # data=folder: the folder holding <concept>/ and '<concept> mask'/
 
@@ -381,7 +386,8 @@ class MACE(AdapterMethod):
     @classmethod
     def validate_concept(cls, concept) -> None:
         """The concept's ``mace:`` section: ``concepts`` (default the targets), ``mappings`` (one, or one per concept),
-        ``type``, ``templates`` (each with one "{}"), ``preserve``, ``data_dir``."""
+        ``type``, ``templates`` (each with one "{}"), ``concept_templates`` (a concept's own templates, by a name of
+        ``concepts``), ``preserve``, ``data_dir``."""
         s = cls.concept_settings(concept)
         concepts = concept_list(concept)
         if s.type not in TEMPLATES:
@@ -393,6 +399,16 @@ class MACE(AdapterMethod):
         for text in s.templates or []:
             if text.count("{}") != 1:
                 raise UserError(f"concept.mace.templates: '{text}' must hold '{{}}' (the concept) exactly once")
+        for name, texts in s.concept_templates.items():
+            if name not in concepts:
+                raise UserError(f"concept.mace.concept_templates names '{name}', which is none of the concepts "
+                                f"{concepts}")
+            if not texts:
+                raise UserError(f"concept.mace.concept_templates.{name} is empty: give its templates or leave it out")
+            for text in texts:
+                if text.count("{}") != 1:
+                    raise UserError(f"concept.mace.concept_templates.{name}: '{text}' must hold '{{}}' (the concept) "
+                                    "exactly once")
         for c in concepts:
             if c in s.preserve:
                 raise UserError(f"concept.mace.preserve lists the concept '{c}': it cannot be erased and preserved at once")
@@ -409,14 +425,15 @@ class MACE(AdapterMethod):
         self.concepts = concept_list(ctx.concept)
         self.sets = [ctx.adapters[f"mace_{k}"] for k in range(len(self.concepts))]
         self.mappings = list(s.mappings) * len(self.concepts) if len(s.mappings) == 1 else list(s.mappings)
-        self.templates = list(s.templates) if s.templates else TEMPLATES[s.type]
+        shared = list(s.templates) if s.templates else TEMPLATES[s.type]
+        self.templates = [list(s.concept_templates.get(c) or shared) for c in self.concepts]  # one list per concept
         iterations = int(ctx.cfg.trainer.iterations)
         if iterations < len(self.concepts):
             raise UserError(f"MACE trains one LoRA per concept: trainer.iterations={iterations} is fewer than the "
                             f"{len(self.concepts)} concepts; give at least one step each (the official: 50 each)")
         per = [len(range(k, iterations, len(self.concepts))) for k in range(len(self.concepts))]
-        log.info("MACE: %d concept(s) %s -> %s, %d templates; LoRA steps per concept: %s", len(self.concepts),
-                 self.concepts, self.mappings, len(self.templates), per)
+        log.info("MACE: %d concept(s) %s -> %s, templates per concept %s; LoRA steps per concept: %s",
+                 len(self.concepts), self.concepts, self.mappings, [len(t) for t in self.templates], per)
         models, device = ctx.models, ctx.device
         self.base = {name: p.detach().float().clone() for name, p in weights.items()}
         with torch.no_grad():
@@ -441,9 +458,9 @@ class MACE(AdapterMethod):
         erase_gram, cross_gram = zeros.clone(), zeros.clone()
         self.fusion_grams, self.prompt_emb, self.positions = [], [], []
         eot = tok("<|endoftext|>", add_special_tokens=False).input_ids[0]
-        for concept, mapping in zip(self.concepts, self.mappings):
-            old_texts = [t.format(concept) for t in self.templates]
-            new_texts = [t.format(mapping) for t in self.templates]
+        for concept, mapping, templates in zip(self.concepts, self.mappings, self.templates):
+            old_texts = [t.format(concept) for t in templates]
+            new_texts = [t.format(mapping) for t in templates]
             old_emb, new_emb = models.encode_text(old_texts).double(), models.encode_text(new_texts).double()
             for i, (old, new) in enumerate(zip(old_texts, new_texts)):
                 if cfg.all_words:  # cfr_utils.py l.137-145: every position of both prompts
@@ -536,7 +553,7 @@ class MACE(AdapterMethod):
             t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=ctx.generator)
         t = t.to(ctx.device)
         z = sched.add_noise(x0, noise, t)  # l.508
-        j = ctx.randint(0, len(self.templates))  # dataset.py l.204: a random augmented prompt
+        j = ctx.randint(0, len(self.templates[k]))  # dataset.py l.204: a random augmented prompt of the concept
         emb = self.prompt_emb[k][j][None].to(ctx.device)
         with self.sets[k].multiplied(1.0), self.recorder.recording(ctx.unet):  # W_cfr + ΔW_k
             student_eps(ctx.unet, z, t, emb)
