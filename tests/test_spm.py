@@ -201,7 +201,10 @@ def test_spm_run_trains_the_membrane_and_its_delta_generates_with_transport(spm_
     for prompt, g in zip(prompts, gamma2):
         membrane.set_multiplier(torch.tensor([g.item()]))
         by_hand.append(generate(models, [prompt], sampler, seeds=[0])[0])
-    np.testing.assert_array_equal(np.stack(by_hand), with_transport)
+    # one prompt per batch vs two: float rounding may move a pixel by one level (measured: 1 of 6,144 values)
+    off_by_hand = np.abs(np.stack(by_hand).astype(int) - with_transport.astype(int))
+    assert off_by_hand.max() <= 1
     membrane.set_multiplier(1.0)
     full = generate(models, prompts[1:], sampler, seeds=[0])
-    assert not np.array_equal(full[0], with_transport[1])
+    off_full = np.abs(full[0].astype(int) - with_transport[1].astype(int))
+    assert (off_full > 0).sum() > 10 * max(1, (off_by_hand[1] > 0).sum())  # measured: 74 values vs 0
