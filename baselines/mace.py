@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.adapters import AdapterSet, attach, is_adapter_parameter
-from erasure.config import check
+from erasure.config import concept_section
 from erasure.errors import UserError
 from erasure.method import AdapterMethod, BaseMethodConfig
 from erasure.registry import register
@@ -381,7 +381,7 @@ class MACE(AdapterMethod):
 
     @staticmethod
     def concept_settings(concept) -> MACEConcept:
-        return check("concept.mace", concept.get("mace") or {}, MACEConcept, extra_ok=False)
+        return concept_section(concept, "mace", MACEConcept)
 
     @classmethod
     def validate_concept(cls, concept) -> None:

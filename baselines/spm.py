@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.adapters import AdapterSet, attach, layers_inside
-from erasure.config import check
+from erasure.config import concept_section
 from erasure.errors import UserError
 from erasure.method import AdapterMethod, BaseMethodConfig
 from erasure.registry import register
@@ -261,7 +261,7 @@ class SPM(AdapterMethod):
 
     @staticmethod
     def concept_settings(concept) -> SPMConcept:
-        return check("concept.spm", concept.get("spm") or {}, SPMConcept, extra_ok=False)
+        return concept_section(concept, "spm", SPMConcept)
 
     @classmethod
     def validate_concept(cls, concept) -> None:

@@ -35,7 +35,7 @@ import re
 
 import torch
 
-from erasure.config import check
+from erasure.config import concept_section
 from erasure.errors import UserError
 from erasure.method import ClosedFormConfig, ClosedFormMethod
 from erasure.registry import register
@@ -168,7 +168,7 @@ class UCE(ClosedFormMethod):
 
     @staticmethod
     def concept_settings(concept) -> UCEConcept:
-        return check("concept.uce", concept.get("uce") or {}, UCEConcept, extra_ok=False)
+        return concept_section(concept, "uce", UCEConcept)
 
     @classmethod
     def validate_concept(cls, concept) -> None:

@@ -89,6 +89,11 @@ def check(group: str, node: Any, schema: type, extra_ok: bool) -> Any:
         raise UserError(f"invalid {group} config{f' at {group}.{key}' if key else ''}: {msg}") from None
 
 
+def concept_section(concept: Any, key: str, schema: type) -> Any:
+    """A method's per-concept data: the concept yaml's optional ``<key>:`` section checked against ``schema`` (unknown
+    keys refused; absent = the schema's defaults)."""
+    return check(f"concept.{key}", concept.get(key) or {}, schema, extra_ok=False)
+
 def group_options(group: str) -> list[str]:
     """The options of a config group: the yaml files of ``conf/<group>/``."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -23,6 +23,17 @@ def compose_cfg(overrides: list[str] | None = None, config_name: str = "train"):
     return compose(overrides, config_name)
 
 
+
+def assert_refused_in_one_sentence(overrides: list[str], match: str) -> None:
+    """`erasure.config.validate` (what `python -m erasure.train` checks before loading a model) refuses the config of
+    ``overrides`` with a UserError matching ``match``, in one line."""
+    from erasure.config import validate
+    from erasure.errors import UserError
+
+    with pytest.raises(UserError, match=match) as err:
+        validate(compose_cfg(overrides))
+    assert "\n" not in str(err.value)
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     return compose_cfg(["model=tiny", "concept=nudity"])
