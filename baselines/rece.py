@@ -154,6 +154,9 @@ def output_gap(weights: list[torch.Tensor], rows: torch.Tensor, targets: list[to
 class RECE(ClosedFormMethod):
     Config = RECEConfig
     default_params = "xattn_kv"  # emb.py l.42-50, adv.py l.26-31: to_v and to_k of every attn2
+    # the erasure curve's knobs (erasure.method.ClosedFormMethod): both official --erase_scale values, the UCE stage's
+    # (train_uce.py l.187) and the re-erasure's (train.py l.52), scaled together; both -> 0 give the base weights back
+    strength_keys = ("uce_erase_scale", "erase_scale")
 
     @classmethod
     def validate(cls, cfg: RECEConfig) -> None:

@@ -153,6 +153,9 @@ def concept_prompts(concept) -> tuple[list[str], list[str], list[str]]:
 class UCE(ClosedFormMethod):
     Config = UCEConfig
     default_params = "xattn_kv"  # sd_erase.py l.17-20: to_k and to_v of every attn2
+    # the erasure curve's knob (erasure.method.ClosedFormMethod): s_e, the official --erase_scale (sd_erase.py l.105);
+    # s_e -> 0 gives W_old back (the erase rows vanish from both sides of the solve), s_e = 1 the default edit
+    strength_keys = ("erase_scale",)
 
     @classmethod
     def validate(cls, cfg: UCEConfig) -> None:

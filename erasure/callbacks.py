@@ -138,11 +138,18 @@ def model_probe(run: Run):
 @callback
 class ProbeCurve(Callback):
     """The model's probe at ``trainer.probe_points`` evenly spaced iterations (and iteration 0), appended to
-    ``probe.jsonl`` and logged as ``probe/<name>``: the erasure curve of the paper's Fig. 4."""
+    ``probe.jsonl`` and logged as ``probe/<name>``: the erasure curve of the paper's Fig. 4.
+
+    A closed-form method with ``strength_keys`` (:class:`erasure.method.ClosedFormMethod`) has one step; its curve is
+    over edit strength instead: after the edit, the probe at fractions 1/P, ..., 1 of the configured strength, each
+    point recorded with ``edit_strength`` (the fraction) and the step, 1."""
 
     def __init__(self, run: Run, probe, points: int):
         self.probe = probe
         self.steps = {max(1, round(run.iterations * k / points)) for k in range(1, points + 1)}
+        method = run.session.method
+        self.strengths = [k / points for k in range(1, points + 1)] \
+            if method.shape == "closed_form" and getattr(method, "strength_keys", ()) else None
         self.seeds = int(run.cfg.trainer.probe_seeds)
         self.path = run.run_dir / "probe.jsonl"
 
@@ -157,13 +164,16 @@ class ProbeCurve(Callback):
             return None
         return cls(run, probe, points)
 
-    def point(self, run: Run, step: int, params) -> None:
+    def point(self, run: Run, step: int, params, strength: float | None = None) -> None:
         with run.session.autocast():
             point = self.probe.point(params, self.seeds, base_params=run.session.teacher.params)
+        where = {"step": step} if strength is None else {"step": step, "edit_strength": strength}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **point}) + "\n")
-        run.logger.log({f"probe/{k}": v for k, v in point.items()}, step)
-        log.info("probe at iteration %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in point.items()))
+            f.write(json.dumps({**where, **point}) + "\n")
+        if strength is None or strength == 1:  # one logged point per step
+            run.logger.log({f"probe/{k}": v for k, v in point.items()}, step)
+        log.info("probe at iteration %d%s: %s", step, "" if strength is None else f", edit strength {strength:g}",
+                 ", ".join(f"{k} {v:.3f}" for k, v in point.items()))
 
     def on_start(self, run: Run) -> None:
         if run.start_step == 1:
@@ -173,7 +183,13 @@ class ProbeCurve(Callback):
             drop_after(self.path, run.start_step)
 
     def on_step(self, run: Run, step: int, record: dict) -> None:
-        if step in self.steps:
+        if self.strengths is not None:  # a closed-form edit: the curve over its strength
+            edited = run.params()
+            for fraction in self.strengths:
+                with torch.no_grad():
+                    params = edited if fraction == 1 else {**edited, **run.session.method.closed_form_at(fraction)}
+                self.point(run, step, params, fraction)
+        elif step in self.steps:
             self.point(run, step, run.params())
 
 

@@ -186,6 +186,11 @@ class ClosedFormMethod(ErasureMethod):
 
     shape = "closed_form"
     Config: type = ClosedFormConfig
+    # The config fields that set how strongly the edit acts (the official code's own knobs, e.g. UCE's erase_scale).
+    # A closed-form method has no iterations to probe along, so its erasure curve (trainer.probe_points = P) is over
+    # edit strength: the edit recomputed with these fields scaled by 1/P, 2/P, ..., 1 (fraction 1 = the configured
+    # edit; 0 would be the base model, iteration 0 of the curve). Empty: the curve is the base and the edit only.
+    strength_keys: tuple[str, ...] = ()
 
     @classmethod
     def validate(cls, cfg: Any) -> None:
@@ -195,6 +200,18 @@ class ClosedFormMethod(ErasureMethod):
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return []  # nothing is optimised
+
+    def closed_form_at(self, fraction: float) -> dict[str, torch.Tensor]:
+        """:meth:`closed_form` with every field of :attr:`strength_keys` scaled by ``fraction`` (1: the configured
+        edit). The method's config is restored afterwards."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"edit strength fraction must be in (0, 1], got {fraction}")
+        configured = self.cfg
+        self.cfg = dataclasses.replace(configured, **{k: getattr(configured, k) * fraction for k in self.strength_keys})
+        try:
+            return self.closed_form()
+        finally:
+            self.cfg = configured
 
     def training_step(self, step: int) -> dict[str, torch.Tensor]:
         raise TypeError(f"method '{self.name}' is a closed-form edit: the trainer calls closed_form(), not training_step()")

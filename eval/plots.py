@@ -96,7 +96,8 @@ def frontier(rows: list[dict], path: Path, title: str) -> Path | None:
             ax.plot([base["ssim_preserved"], pts[0]["ssim_preserved"]], [base["concept_rate"], pts[0]["concept_rate"]],
                     ls=":", color=line[0].get_color())
         last = pts[-1]
-        ax.annotate(f"{last['step']}", (last["ssim_preserved"], last["concept_rate"]), textcoords="offset points",
+        label = f"s={last['edit_strength']:g}" if "edit_strength" in last else f"{last['step']}"  # closed form: strength
+        ax.annotate(label, (last["ssim_preserved"], last["concept_rate"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7, color=line[0].get_color())
     if base:
         ax.plot([base["ssim_preserved"]], [base["concept_rate"]], marker="*", ms=12, color="k", ls="", label="base model")

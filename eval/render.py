@@ -82,7 +82,8 @@ def _cells(table: Table, missing: str, best: str, second: str) -> list[list[str]
     ranked = marks(table)
     rows = []
     for i, row in enumerate(table.rows):
-        cells = [str(row.labels[k]) for k, head in table.labels.items() if head is not None]
+        cells = [missing if row.labels[k] is None else str(row.labels[k]) for k, head in table.labels.items()
+                 if head is not None]
         for key in table.columns:
             s = _shown(key, row.values.get(key)) or missing
             mark = ranked.get((i, key))
@@ -118,7 +119,7 @@ def flat(table: Table, missing=""):
             v = r.values.get(k)
             cells = [v.mean, v.std, v.n] if isinstance(v, Stat) else [missing if v is None else v, missing, missing]
             values += cells[:len(parts)]
-        rows.append([r.labels[k] for k in table.labels] + values)
+        rows.append([missing if r.labels[k] is None else r.labels[k] for k in table.labels] + values)
     return header, rows
 
 

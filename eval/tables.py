@@ -194,20 +194,21 @@ def sweep_table(data: dict) -> Table:
 # ---------------------------------------------------------------------------------------------------- frontier
 def frontier(runs_by_seed: dict[int, Path], methods: list[str]) -> list[dict]:
     """Each method's erasure curve averaged over seeds: one row {method, step, n, <key>, <key>_std} per (method,
-    iteration), from the ``probe.jsonl`` of ``<runs>/<method>`` (written with ``trainer.probe_points``)."""
+    iteration), from the ``probe.jsonl`` of ``<runs>/<method>`` (written with ``trainer.probe_points``). A closed-form
+    method's points along its edit strength (``edit_strength`` in probe.jsonl) are rows of their own, with the key."""
     rows = []
     for m in methods:
-        by_step: dict[int, list[dict]] = {}
+        by_point: dict[tuple, list[dict]] = {}
         for root in runs_by_seed.values():
             f = root / m / "probe.jsonl"
             if f.is_file():
                 for line in f.read_text().splitlines():
                     if line.strip():
                         p = json.loads(line)
-                        by_step.setdefault(int(p["step"]), []).append(p)
-        for step in sorted(by_step):
-            points = by_step[step]
-            row = dict(method=m, step=step, n=len(points))
+                        by_point.setdefault((int(p["step"]), p.get("edit_strength")), []).append(p)
+        for step, strength in sorted(by_point, key=lambda k: (k[0], k[1] or 0.0)):
+            points = by_point[step, strength]
+            row = dict(method=m, step=step, n=len(points), **({} if strength is None else {"edit_strength": strength}))
             for k in shown_in("frontier", {k for p in points for k in p}):
                 row[k], row[f"{k}_std"] = mean_std([float(p[k]) for p in points if k in p])
             rows.append(row)
@@ -217,7 +218,10 @@ def frontier(runs_by_seed: dict[int, Path], methods: list[str]) -> list[dict]:
 def frontier_table(rows: list[dict]) -> Table:
     """Iteration 0 is the base model (an oracle row, not ranked)."""
     keys = shown_in("frontier", {k for r in rows for k in r})
-    return Table({"method": "method", "step": "iteration", "n": "seeds"}, keys,
-                 [Row({"method": r["method"], "step": r["step"], "n": r["n"]},
+    strength = any("edit_strength" in r for r in rows)  # a closed-form method's curve: a column for its points
+    labels = {"method": "method", "step": "iteration", **({"edit_strength": "edit strength"} if strength else {}), "n": "seeds"}
+    return Table(labels, keys,
+                 [Row({"method": r["method"], "step": r["step"], **({"edit_strength": r.get("edit_strength")} if strength else {}),
+                       "n": r["n"]},
                       {k: Stat(r[k], r[f"{k}_std"], r["n"]) for k in keys if k in r}, "base" if r["step"] == 0 else "run")
                   for r in rows])

@@ -164,3 +164,29 @@ def test_frontier_table_ranks_training_points_not_the_base_model():
         "| method | iteration | seeds | Concept rate ↓ | SSIM to base (other prompts) ↑ |", "|---|---|---|---:|---:|",
         "| ours | 0 | 2 | 1.000 ± 0.000 | 1.000 ± 0.000 |",
         "| ours | 2 | 2 | <u>0.250 ± 0.050</u> | **0.900 ± 0.010** |", "| esd | 2 | 1 | **0.000** | <u>0.500</u> |"]
+
+
+def test_frontier_keeps_a_closed_form_curve_apart_by_edit_strength(tmp_path):
+    """Two seeds' probe.jsonl: UCE's points at step 1 differ only by edit_strength and are averaged per strength, not
+    pooled; a loss method's rows leave the column empty."""
+    import json
+
+    from eval.render import to_markdown
+    from eval.tables import frontier, frontier_table
+
+    def write(seed, method, points):
+        folder = tmp_path / f"seed{seed}" / method
+        folder.mkdir(parents=True)
+        (folder / "probe.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+
+    for seed, (half, full) in enumerate([(0.6, 0.2), (0.8, 0.4)]):
+        write(seed, "uce", [dict(step=0, concept_rate=1.0), dict(step=1, edit_strength=0.5, concept_rate=half),
+                            dict(step=1, edit_strength=1.0, concept_rate=full)])
+        write(seed, "ours", [dict(step=0, concept_rate=1.0), dict(step=200, concept_rate=0.1 * (seed + 1))])
+    rows = frontier({s: tmp_path / f"seed{s}" for s in (0, 1)}, ["uce", "ours"])
+    got = [(r["method"], r["step"], r.get("edit_strength"), r["n"], round(r["concept_rate"], 6)) for r in rows]
+    assert got == [("uce", 0, None, 2, 1.0), ("uce", 1, 0.5, 2, 0.7), ("uce", 1, 1.0, 2, 0.3),
+                   ("ours", 0, None, 2, 1.0), ("ours", 200, None, 2, 0.15)]
+    lines = to_markdown(frontier_table(rows)).splitlines()
+    assert lines[0] == "| method | iteration | edit strength | seeds | Concept rate ↓ |"
+    assert lines[3].startswith("| uce | 1 | 0.5 | 2 | ") and lines[6].startswith("| ours | 200 | – | 2 | ")

@@ -159,6 +159,29 @@ def test_zero_epochs_is_the_uce_edit_of_train_uce(rece_tiny):
     assert set(got) == set(expected) and all(torch.allclose(got[n], expected[n], atol=1e-6) for n in got)
 
 
+@pytest.mark.parametrize("method,keys", [("uce", ["erase_scale"]), ("rece", ["uce_erase_scale", "erase_scale"])])
+def test_edit_strength_scales_the_official_erase_scales(rece_tiny, method, keys):
+    """The erasure curve of a closed-form method (closed_form_at, used by the probe): fraction f of the edit strength
+    is the edit of a config whose official erase scales are f times theirs, built separately; the config is restored;
+    and as f -> 0 the edit goes back to the base weights (UCE's solve without erase rows returns W_old)."""
+    _, _, models = rece_tiny
+    edit, _ = build([f"method={method}"], models)
+    assert list(edit.strength_keys) == keys
+    for f in (0.25, 1.0):
+        scaled, _ = build([f"method={method}", *[f"method.{k}={f}" for k in keys]], models)
+        got, expected = edit.closed_form_at(f), scaled.closed_form()
+        assert set(got) == set(expected)
+        for n in got:
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-6, atol=1e-7)
+    assert all(getattr(edit.cfg, k) == 1.0 for k in keys)  # restored
+    tiny = edit.closed_form_at(1e-9)
+    assert max(float((tiny[n] - edit.base[n]).abs().max()) for n in tiny) < 1e-6
+    full = edit.closed_form_at(1.0)
+    assert max(float((full[n] - edit.base[n]).abs().max()) for n in full) > 1e-3
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        edit.closed_form_at(0.0)
+
+
 @pytest.fixture(scope="module")
 def rece_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("rece")

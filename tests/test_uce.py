@@ -172,3 +172,20 @@ def test_multi_target_edit_has_one_guide_per_target(tiny_models):
         err = (w_new @ keys[target] - w_old @ keys[guide]).norm()
         assert err < 0.1 * (w_old @ keys[target] - w_old @ keys[guide]).norm()
     assert UCE.shape == "closed_form"
+
+
+def test_erasure_curve_of_a_closed_form_edit_is_over_its_strength(tmp_path):
+    """On the toy world, trainer.probe_points=2 gives UCE's curve over its erase scale: the base (iteration 0), then
+    the edit at half and at full strength (iteration 1). The full-strength point is the final probe's number (a second
+    route: the trained delta, measured by FinalProbe); the half-strength point is a model between the two."""
+    cfg = compose_cfg(["model=toyworld", "concept=circle", "method=uce", "trainer.preview_every=0",
+                       "trainer.probe_points=2", "trainer.probe_seeds=1", "concept.probe.seeds=1"])
+    train(cfg, tmp_path)
+    points = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [(p["step"], p.get("edit_strength")) for p in points] == [(0, None), (1, 0.5), (1, 1.0)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert points[0]["concept_rate"] == summary["concept_rate_before"]
+    assert points[0]["ssim_preserved"] == pytest.approx(1.0)
+    assert points[2]["concept_rate"] == summary["concept_rate_after"]
+    assert points[2]["ssim_preserved"] == pytest.approx(summary["ssim_preserved"], abs=1e-6)
+    assert 1.0 > points[1]["ssim_preserved"] and points[1]["ssim_preserved"] != points[2]["ssim_preserved"]
