@@ -2,6 +2,8 @@
 PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 PYTEST_ARGS ?=
+# make test's pytest-xdist workers (auto = one per CPU core), each test file kept in one worker (module fixtures built once)
+TEST_JOBS ?= auto
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-slow clean
@@ -25,7 +27,7 @@ demo: install ## install if needed, then run the main job on the default model
 
 test: install ## install if needed, then check the import contracts, run the test suite (slow tests excluded) and the robustness smoke
 	.venv/bin/lint-imports
-	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory robustness-smoke
 
 test-slow: install ## the slow tests only

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 PROMPT_DATA = ROOT / "data" / "prompts"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs the suite in pytest-xdist workers (one per core): one torch thread each, so that the workers do not
+# oversubscribe the cores (two spinning threads per process on a busy 2-core machine slowed sampling ~50x, Makefile)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def compose_cfg(overrides: list[str] | None = None, config_name: str = "train"):

@@ -177,7 +177,7 @@ def test_training_records_the_erasure_curve_and_scales_the_lr(tmp_path):
 
     cfg = compose_cfg(["model=toyworld", "concept=circle", "method.T=6", "trainer.iterations=2",
                        "trainer.preview_every=0", "trainer.probe_points=2", "trainer.probe_seeds=1",
-                       "concept.probe.seeds=1"])
+                       "concept.probe.seeds=1", "model.sample_steps=8"])  # 8 sampling steps: the routes agree at any
     train(cfg, tmp_path)
     points = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
     assert [p["step"] for p in points] == [0, 1, 2]
