@@ -19,6 +19,7 @@ Everything else (seeding, device, optimizer, loop, logging, previews, probe, sav
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -114,8 +115,10 @@ class ErasureMethod:
     def validate(cls, cfg: Any) -> None:
         if cfg.iterations < 1:
             raise UserError(f"method.iterations must be at least 1, got {cfg.iterations}")
-        if cfg.lr <= 0:
-            raise UserError(f"method.lr must be positive, got {cfg.lr}")
+        if not (math.isfinite(cfg.lr) and cfg.lr > 0):  # nan fails both comparisons: check finiteness first
+            raise UserError(f"method.lr must be a positive finite number, got {cfg.lr}")
+        if cfg.grad_clip is not None and not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
+            raise UserError(f"method.grad_clip must be a positive finite number or null (no clipping), got {cfg.grad_clip}")
 
     @classmethod
     def validate_concept(cls, concept: DictConfig) -> None:

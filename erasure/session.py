@@ -203,8 +203,19 @@ class Session:
         if clip:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip)
         self.optimizer.step()
+        self.check_finite(step)
         self.method.after_step(step)
         return {k: v.detach().float() for k, v in terms.items()}
+
+    def check_finite(self, step: int) -> None:
+        """Stop on a trained tensor that the optimizer step made non-finite (e.g. a huge learning rate overflows the
+        update while the loss was still finite): such a delta would evaluate to black images. One device sync."""
+        params = list(self.trainable.items())
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).cpu()
+        if not bool(finite.all()):
+            name = params[int((~finite).nonzero()[0])][0]
+            raise UserError(f"parameter '{name}' became non-finite at step {step}: lower the learning rate "
+                            f"(method.lr) or check the inputs; the run stopped")
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:

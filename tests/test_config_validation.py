@@ -78,3 +78,17 @@ def test_random_overrides_compose_and_validate_or_fail_cleanly(overrides):
         precheck_train_args(argv)
     except UserError as exc:
         assert str(exc) and "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("method.lr=inf", "method.lr must be a positive finite number, got inf"),
+    ("method.lr=nan", "method.lr must be a positive finite number, got nan"),
+    ("method.lr=0", "method.lr must be a positive finite number, got 0"),
+    ("method.grad_clip=-1", "method.grad_clip must be a positive finite number or null"),
+    ("method.grad_clip=inf", "method.grad_clip must be a positive finite number or null"),
+])
+def test_non_finite_or_negative_optimizer_settings_are_refused(override, match):
+    """A negative grad_clip would turn clipping into gradient ascent; an infinite lr makes a NaN delta (issue 20)."""
+    from tests.conftest import assert_refused_in_one_sentence
+
+    assert_refused_in_one_sentence(["model=tiny", "concept=nudity", override], match)
