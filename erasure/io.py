@@ -67,3 +67,69 @@ def atomic_folder(path: str | Path, write, *, keep_existing: bool = False) -> Pa
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat, field 22), or "" where /proc is
+    absent: with the PID it names one process, even after the PID is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return not start or _process_start(pid) in ("", start)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str = "folder"):
+    """Own ``folder`` for the duration of the block: ``<folder>/.lock`` holds this process's PID, start time and host.
+    A live owner makes this raise a :class:`~erasure.errors.UserError` (two trainings into one run folder would
+    interleave their files); a lock left by a process that is gone (killed) is taken over with a warning. The lock is
+    removed when the block ends, however it ends."""
+    import socket
+
+    from .errors import UserError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    host = socket.gethostname()
+    me = f"{os.getpid()} {_process_start(os.getpid())} {host}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, start, owner_host = (lock.read_text().split() + ["", "", ""])[:3]
+                pid = int(pid)
+            except (OSError, ValueError):  # being written this instant, or unreadable: look again
+                pid, start, owner_host = None, "", ""
+            if pid is not None and owner_host not in ("", host):
+                raise UserError(f"{what} '{folder}' is locked by process {pid} on {owner_host}: wait for it to finish, "
+                                f"or delete {lock} if that process is gone") from None
+            if pid is not None and _alive(pid, start):
+                raise UserError(f"{what} '{folder}' is in use by process {pid}: wait for it to finish, or choose "
+                                "another folder") from None
+            if pid is not None:
+                log.warning("%s %s was left locked by process %d, which is no longer running: taking it over", what,
+                            folder, pid)
+                lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == me:
+                lock.unlink()

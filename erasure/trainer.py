@@ -25,7 +25,7 @@ from . import registry
 from .config import SHORTCUTS, validate
 from .delta import save_delta
 from .errors import UserError
-from .io import write_text_atomic
+from .io import folder_lock, write_text_atomic
 from .loggers import make_logger
 from .models import load_models
 from .params import count
@@ -63,7 +63,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
         cfg, checkpoint = resumed_config(run_dir)
     run_dir = Path(run_dir)
     method_cls, method_cfg = validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(run_dir, "run folder"):  # one training per folder at a time
+        return _train(cfg, run_dir, checkpoint, method_cls, method_cfg)
+
+
+def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -> Path:
     if checkpoint is None:
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 

@@ -86,6 +86,36 @@ def test_parameters_made_non_finite_by_a_step_stop_the_run():
         session.step(1)
 
 
+def test_a_second_training_into_a_busy_run_folder_is_refused_and_a_dead_owner_is_taken_over(tmp_path):
+    """Issue 20, data-loss case 3: two trainings in one hydra.run.dir both exited 0 and the folder kept only the
+    second. Now the second is refused in one line while the first runs; once the first is killed (SIGKILL: its lock
+    stays behind), the next training takes the folder over, says so, and leaves no lock."""
+    run = tmp_path / "run"
+    args = ["-m", "erasure.train", "model=tiny", "concept=nudity", "trainer.preview_every=0", "method.T=4",
+            f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    first = subprocess.Popen([sys.executable, *args, "trainer.iterations=100000"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None and not (run / "metrics.jsonl").is_file():
+            time.sleep(0.1)
+        assert first.poll() is None and (run / ".lock").is_file(), "the first training did not start"
+        second = run_cli([*args, "trainer.iterations=1"])
+        lines = [line for line in second.stderr.strip().splitlines() if line.strip()]
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"is in use by process {first.pid}" in lines[0], lines[0]
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (run / ".lock").is_file() and not (run / "delta.safetensors").exists()
+    third = run_cli([*args, "trainer.iterations=1"])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"left locked by process {first.pid}, which is no longer running: taking it over" in third.stderr + third.stdout
+    assert (run / "delta.safetensors").is_file() and not (run / ".lock").exists()
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.yaml").write_text("method: {name: ours}\n")
     r = run_cli(["-m", "erasure.train", f"resume={tmp_path}"])
