@@ -94,6 +94,7 @@ def concept_section(concept: Any, key: str, schema: type) -> Any:
     keys refused; absent = the schema's defaults)."""
     return check(f"concept.{key}", concept.get(key) or {}, schema, extra_ok=False)
 
+
 def group_options(group: str) -> list[str]:
     """The options of a config group: the yaml files of ``conf/<group>/``."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def folder_lock(folder: str | Path, what: str = "folder"):
     lock = folder / ".lock"
     host = socket.gethostname()
     me = f"{os.getpid()} {_process_start(os.getpid())} {host}"
+    unreadable_since = None
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -111,18 +113,24 @@ def folder_lock(folder: str | Path, what: str = "folder"):
             try:
                 pid, start, owner_host = (lock.read_text().split() + ["", "", ""])[:3]
                 pid = int(pid)
-            except (OSError, ValueError):  # being written this instant, or unreadable: look again
-                pid, start, owner_host = None, "", ""
-            if pid is not None and owner_host not in ("", host):
+            except (OSError, ValueError):  # being written this instant: look again; still empty after 2 s, the
+                pid, start, owner_host = None, "", ""  # owner died between creating and writing it: take it over
+                unreadable_since = unreadable_since or time.monotonic()
+                if time.monotonic() - unreadable_since < 2.0:
+                    time.sleep(0.05)
+                    continue
+                log.warning("%s %s holds an empty or unreadable lock: taking it over", what, folder)
+                lock.unlink(missing_ok=True)
+                continue
+            if owner_host not in ("", host):
                 raise UserError(f"{what} '{folder}' is locked by process {pid} on {owner_host}: wait for it to finish, "
                                 f"or delete {lock} if that process is gone") from None
-            if pid is not None and _alive(pid, start):
+            if _alive(pid, start):
                 raise UserError(f"{what} '{folder}' is in use by process {pid}: wait for it to finish, or choose "
                                 "another folder") from None
-            if pid is not None:
-                log.warning("%s %s was left locked by process %d, which is no longer running: taking it over", what,
-                            folder, pid)
-                lock.unlink(missing_ok=True)
+            log.warning("%s %s was left locked by process %d, which is no longer running: taking it over", what,
+                        folder, pid)
+            lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
             f.write(me + "\n")

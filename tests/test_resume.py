@@ -116,6 +116,19 @@ def test_a_second_training_into_a_busy_run_folder_is_refused_and_a_dead_owner_is
     assert (run / "delta.safetensors").is_file() and not (run / ".lock").exists()
 
 
+def test_an_empty_lock_left_by_an_owner_killed_before_writing_it_is_taken_over(tmp_path, caplog):
+    """A process killed between creating <run>/.lock and writing its PID leaves an empty lock: the next owner waits
+    about 2 s for it to be written, then takes the folder over (it used to wait forever)."""
+    from erasure.io import folder_lock
+
+    (tmp_path / ".lock").write_text("")
+    start = time.monotonic()
+    with folder_lock(tmp_path, "run folder") as lock:
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert 1.5 < time.monotonic() - start < 30 and not lock.exists()
+    assert "holds an empty or unreadable lock: taking it over" in caplog.text
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.yaml").write_text("method: {name: ours}\n")
     r = run_cli(["-m", "erasure.train", f"resume={tmp_path}"])
