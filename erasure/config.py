@@ -167,9 +167,10 @@ def validate(cfg: DictConfig):
     method_cls.validate_concept(cfg.concept)
     if tr.iterations < 1:
         raise UserError(f"trainer.iterations must be at least 1, got {tr.iterations}")
-    if method_cls.shape != "adapter" and not list(cfg.params.get("include") or []):
-        raise UserError(f"params={cfg.params.get('name')} selects no UNet parameter, and method '{method_cls.name}' "
-                        f"trains UNet parameters: choose a subset (its default: params={method_cls.default_params})")
+    if method_cls.shape != "adapter" and not list(cfg.params.get("include") or []) \
+            and not list(cfg.params.get("text_encoder") or []):
+        raise UserError(f"params={cfg.params.get('name')} selects no UNet parameter (nor a text-encoder one), and method '{method_cls.name}' "
+                        f"trains model weights: choose a subset (its default: params={method_cls.default_params})")
     if method_cls.shape == "closed_form" and tr.iterations != 1:
         raise UserError(f"method '{method_cls.name}' is a closed-form edit (one step): trainer.iterations must be 1, "
                         f"got {tr.iterations}")

@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
     lines = [f"UNet of '{models.name}': {total / 1e6:.1f}M parameters ({total * 4 / 2**30:.2f} GiB in fp32)",
              f"{'subset':<10} {'params':>9} {'share':>7}   teacher copy (fp32) vs a full UNet copy"]
     for path in sorted((CONF_DIR / "params").glob("*.yaml")):
-        n = count(select_params(models.unet, OmegaConf.load(path)))
+        n = count(select_params(models.unet, OmegaConf.load(path), models.text_encoder))
         lines.append(f"{path.stem:<10} {n / 1e6:>8.1f}M {100 * n / total:>6.1f}%   {n * 4 / 2**20:>8.1f} MiB vs "
                      f"{total * 4 / 2**20:.1f} MiB (saves {(total - n) * 4 / 2**20:.1f} MiB)")
     logging.getLogger("erasure.count_params").info("\n%s", "\n".join(lines))

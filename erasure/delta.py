@@ -1,13 +1,19 @@
 """Erased weights as a delta: only the trained tensors, in safetensors, with metadata naming the base.
 
-Metadata: ``base_model``, ``base_fingerprint`` (see :attr:`Models.fingerprint`), ``method``, ``params``,
-``iterations`` and ``format``. A delta applied to a base whose fingerprint differs is refused.
+Metadata: ``base_model``, ``base_fingerprint`` (see :attr:`Models.fingerprint`), ``text_encoder_fingerprint``
+(:attr:`Models.text_encoder_fingerprint`; deltas written before text encoders could be trained lack it), ``method``,
+``params``, ``iterations`` and ``format``. A delta applied to a base whose fingerprint differs is refused; so is one
+whose text-encoder fingerprint differs, when it records one.
 
 A delta holds edited UNet tensors (``erasure-delta/1``: the loss and closed-form shapes), adapter weights (an
 adapter method, :mod:`erasure.adapters`), or both. When it holds adapter weights, its metadata key ``adapters`` lists
 each adapter set's placement (layers), rank, alpha and gate, and its format is ``erasure-delta/2``, so that a checkout
 that predates adapters refuses it in words instead of failing on unknown parameter names. :func:`load_delta` attaches
 the described sets to the base UNet (as the identity) before anyone swaps or copies the weights in.
+
+A delta may also hold text-encoder tensors, named ``text_encoder.<name>`` (:mod:`erasure.params`; e.g. AdvUnlearn's
+trained encoder layers); its format is then ``erasure-delta/3``, which older checkouts refuse in words, and it must
+record the base text encoder's fingerprint.
 """
 from __future__ import annotations
 
@@ -22,13 +28,15 @@ from safetensors.torch import load_file, safe_open, save_file
 from .adapters import attach_described
 from .errors import UserError
 from .io import atomic_write
+from .params import TEXT_ENCODER_PREFIX, named_model_parameters
 
 
 log = logging.getLogger(__name__)
 
 FORMAT = "erasure-delta/1"
 FORMAT_ADAPTERS = "erasure-delta/2"  # a delta with adapter weights (metadata ``adapters``)
-FORMATS = (FORMAT, FORMAT_ADAPTERS)
+FORMAT_TEXT_ENCODER = "erasure-delta/3"  # a delta with text-encoder tensors (``text_encoder.<name>``)
+FORMATS = (FORMAT, FORMAT_ADAPTERS, FORMAT_TEXT_ENCODER)
 META_KEY = "erasure"
 
 
@@ -37,7 +45,10 @@ def save_delta(path: str | Path, params: dict[str, torch.Tensor], metadata: dict
     JSON."""
     path = Path(path)
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in params.items()}
-    fmt = FORMAT_ADAPTERS if metadata.get("adapters") else FORMAT
+    has_text = any(name.startswith(TEXT_ENCODER_PREFIX) for name in tensors)
+    if has_text and not metadata.get("text_encoder_fingerprint"):
+        raise ValueError("a delta with text-encoder tensors must record text_encoder_fingerprint in its metadata")
+    fmt = FORMAT_TEXT_ENCODER if has_text else FORMAT_ADAPTERS if metadata.get("adapters") else FORMAT
     meta = {"format": fmt, **{k: v if isinstance(v, (list, dict)) else str(v) for k, v in metadata.items()}}
     # one metadata key holding sorted JSON: safetensors writes several keys in hash order, which would make
     # the bytes of two identical deltas differ (and so their sha256, the evaluation cache's key)
@@ -63,30 +74,40 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def load_delta(unet: torch.nn.Module, base_fingerprint: str, path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """A delta's tensors and metadata, after checking it was trained on this base model, attaching the adapter sets
-    it describes (identity: the UNet still computes the base model) and checking every tensor fits ``unet``.
+def load_delta(models, path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A delta's tensors and metadata, after checking it was trained on this base model (``models``: the loaded
+    :class:`erasure.models.Models`), attaching the adapter sets it describes (identity: the UNet still computes the base
+    model) and checking every tensor fits the UNet or, for ``text_encoder.<name>``, the text encoder.
     Nothing is copied: swap the tensors in (``erasure.generation.generate(params=...)``) or :func:`apply_delta`."""
     tensors, meta = read_delta(path)
-    if meta.get("base_fingerprint") != base_fingerprint:
+    if meta.get("base_fingerprint") != models.fingerprint:
         raise UserError(
             f"delta '{path}' was trained on base model {meta.get('base_model')!r} (fingerprint {meta.get('base_fingerprint')}), "
-            f"but the loaded base has fingerprint {base_fingerprint}: load the same base model the delta was trained on")
+            f"but the loaded base has fingerprint {models.fingerprint}: load the same base model the delta was trained on")
+    recorded = meta.get("text_encoder_fingerprint")
+    if recorded is not None and recorded != models.text_encoder_fingerprint:
+        raise UserError(
+            f"delta '{path}' was trained with text encoder fingerprint {recorded}, but the loaded base's text encoder has "
+            f"{models.text_encoder_fingerprint}: load the same base model (text encoder included) the delta was trained on")
+    if any(name.startswith(TEXT_ENCODER_PREFIX) for name in tensors) and recorded is None:
+        raise UserError(f"delta '{path}' holds text-encoder tensors but records no text_encoder_fingerprint: it was not "
+                        "written by erasure.train; re-run training")
     if meta.get("adapters"):
-        for s in attach_described(unet, meta["adapters"]):
+        for s in attach_described(models.unet, meta["adapters"]):
             log.info("delta '%s': adapter set '%s' on %d layers (rank %d)%s", path, s.name, len(s.targets), s.rank,
                      f", gated per prompt by method '{s.gate['method']}'" if s.gate else "")
-    named = dict(unet.named_parameters())
+    named = named_model_parameters(models.unet, models.text_encoder)
     for name, value in tensors.items():
         if name not in named or named[name].shape != value.shape:
-            raise UserError(f"delta '{path}' has parameter '{name}' that does not fit this UNet: it belongs to another architecture")
+            where = "text encoder" if name.startswith(TEXT_ENCODER_PREFIX) else "UNet"
+            raise UserError(f"delta '{path}' has parameter '{name}' that does not fit this {where}: it belongs to another architecture")
     return tensors, meta
 
 
-def apply_delta(unet: torch.nn.Module, base_fingerprint: str, path: str | Path) -> dict:
-    """Copy a delta's tensors into ``unet`` (its adapters attached first) after checking it was trained on this base."""
-    tensors, meta = load_delta(unet, base_fingerprint, path)
-    named = dict(unet.named_parameters())
+def apply_delta(models, path: str | Path) -> dict:
+    """Copy a delta's tensors into the base model (its adapters attached first) after checking it was trained on it."""
+    tensors, meta = load_delta(models, path)
+    named = named_model_parameters(models.unet, models.text_encoder)
     with torch.no_grad():
         for name, value in tensors.items():
             named[name].copy_(value.to(named[name].device, named[name].dtype))
@@ -106,7 +127,7 @@ def load_run(run: str | Path, device: str = "auto", base: bool = False):
     cfg = OmegaConf.load(cfg_path)
     models = load_models(cfg.model, device)
     if not base:
-        apply_delta(models.unet, models.fingerprint, run / "delta.safetensors")
+        apply_delta(models, run / "delta.safetensors")
     return cfg, models
 
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import gated
-from .teacher import swapped_params
+from .teacher import swapped_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +85,8 @@ def generate(models, prompts: Sequence[str], sampler: Sampler, *, seeds: Sequenc
     """Images of ``prompts`` (one per prompt), in order.
 
     Exactly one of ``seeds`` (one per prompt), ``generator`` or ``latents`` (N x C x h x w) gives the initial noise.
-    ``guidance`` overrides the sampler's; ``params`` are UNet weights swapped in for the call (an erased model's
-    delta, a student mid-training; adapter weights included, their sets attached beforehand: ``erasure.delta.load_delta``).
+    ``guidance`` overrides the sampler's; ``params`` are UNet weights (and ``text_encoder.<name>`` text-encoder weights) swapped in for the
+    call (an erased model's delta, a student mid-training; adapter weights included, their sets attached beforehand: ``erasure.delta.load_delta``).
     An attached adapter set with a gate runs, for each prompt, at the multiplier its method computes from that prompt
     (:func:`erasure.adapters.gated`; the negative prompt's rows of classifier-free guidance get the same value); ``output="uint8"`` returns N x H x W x 3 uint8 RGB, ``"latent"`` the final
     latents (float32, on the model's device, already multiplied by the VAE's scaling factor). ``desc`` shows a
@@ -107,11 +107,11 @@ def generate(models, prompts: Sequence[str], sampler: Sampler, *, seeds: Sequenc
     guidance = float(sampler.guidance if guidance is None else guidance)
     pipe = models.pipeline(scheduler=sampler.scheduler, text_encoder=False)
     pipe.set_progress_bar_config(disable=True)
-    uncond = models.encode_text([""])
     shape = (models.unet.config.in_channels, side // models.vae_scale_factor, side // models.vae_scale_factor)
     out = []
-    with swapped_params(models.unet, params or {}), _precision(models), \
+    with swapped_weights(models, params or {}), _precision(models), \
             tqdm(total=len(prompts), desc=desc, unit="img", dynamic_ncols=True, disable=None if desc else True) as bar:
+        uncond = models.encode_text([""])  # inside the swap: a delta may hold text-encoder weights (AdvUnlearn)
         for start in range(0, len(prompts), max(1, int(sampler.batch_size))):
             batch = prompts[start:start + sampler.batch_size]
             if seeds is not None:

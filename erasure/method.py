@@ -164,6 +164,16 @@ class ErasureMethod:
         (shape ``"closed_form"``). Called under ``torch.no_grad``; calling it again gives the same edit."""
         raise NotImplementedError
 
+    def followup_steps(self, step: int) -> int:
+        """How many further optimizer steps iteration ``step`` takes after its main one, each on the loss
+        :meth:`followup_loss` returns (e.g. AdvUnlearn's iterative retain steps, ``retain_train: iter``). Default 0."""
+        return 0
+
+    def followup_loss(self, step: int, index: int) -> dict[str, torch.Tensor]:
+        """Loss terms of follow-up optimizer step ``index`` (0, 1, ...) of iteration ``step``; key ``loss`` is
+        back-propagated. Logged under the method's own keys (choose names other than the main step's)."""
+        raise NotImplementedError
+
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. an EMA update)."""
 

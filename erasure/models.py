@@ -72,6 +72,14 @@ class Models:
         """
         return unet_fingerprint(self.unet)
 
+    @functools.cached_property
+    def text_encoder_fingerprint(self) -> str:
+        """The same hash of the base text encoder's weights (also computed at load time). A delta records both; one
+        that holds text-encoder tensors is refused on a base whose text encoder differs (:mod:`erasure.delta`).
+        (``fingerprint`` stays the UNet's alone: it keys the evaluation caches and every delta written before text
+        encoders could be trained, and the text encoder of the three tiers comes from the same source as the UNet.)"""
+        return module_fingerprint(self.text_encoder)
+
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP text embeddings (last hidden state), padded to the tokenizer's max length, as SD does."""
@@ -99,9 +107,14 @@ def unet_fingerprint(unet: torch.nn.Module) -> str:
     """The base UNet's fingerprint; attached adapters (:mod:`erasure.adapters`) are not part of the base."""
     from .adapters import is_adapter_parameter
 
+    return module_fingerprint(unet, skip=is_adapter_parameter)
+
+
+def module_fingerprint(module: torch.nn.Module, skip=lambda name: False) -> str:
+    """sha256 (first 16 hex digits) of a module's state, as float32, names and shapes included."""
     h = hashlib.sha256()
-    for name, tensor in sorted(unet.state_dict().items()):
-        if is_adapter_parameter(name):
+    for name, tensor in sorted(module.state_dict().items()):
+        if skip(name):
             continue
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
@@ -277,6 +290,7 @@ def load_models(model_cfg, device: str | torch.device = "auto") -> Models:
         parts[key].to(device) if dtype == torch.float32 else parts[key].to(device, dtype)
     resolution = int(model_cfg.get("resolution") or parts["unet"].config.sample_size * 2 ** (len(parts["vae"].config.block_out_channels) - 1))
     models = Models(name=str(model_cfg.name), resolution=resolution, device=device, dtype=dtype, **parts)
-    log.info("loaded model '%s' from %s (UNet %.2fM parameters, fingerprint %s)", models.name, models.source,
-             sum(p.numel() for p in models.unet.parameters()) / 1e6, models.fingerprint)
+    log.info("loaded model '%s' from %s (UNet %.2fM parameters, fingerprint %s; text encoder %s)", models.name,
+             models.source, sum(p.numel() for p in models.unet.parameters()) / 1e6, models.fingerprint,
+             models.text_encoder_fingerprint)
     return models

@@ -69,7 +69,42 @@ def sample_to_step(eps_fn: EpsFn, scheduler, x_T: torch.Tensor, conds: Sequence[
     if ((stops < 0) | (stops >= num_steps)).any():
         raise ValueError(f"steps_taken must be in [0, {num_steps}), got {stops.tolist()}")
     timesteps = ddim_timesteps(scheduler, num_steps)
-    x = x_T * scheduler.init_noise_sigma
+    x = _ddim_loop(eps_fn, scheduler, x_T * scheduler.init_noise_sigma, conds, timesteps, stops, guidance, extra,
+                   needed)
+    at = timesteps[stops]
+    return x, (at if per_sample else at[0])
+
+
+def sample_along(eps_fn: EpsFn, scheduler, x_T: torch.Tensor, conds: Sequence[torch.Tensor], timesteps: Sequence[int],
+                 steps_taken: Sequence[int], num_steps: int, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guided DDIM (eta = 0, as :func:`sample_to_step`) along a given list of decreasing ``timesteps``: sample b takes
+    the steps at ``timesteps[0]``, ..., ``timesteps[steps_taken[b] - 1]`` (0 .. len(timesteps) steps), ``x_T`` lying
+    at ``timesteps[0]``. Each step is the scheduler's own ``step`` after ``set_timesteps(num_steps)``, which goes from
+    t to t - num_train_timesteps // num_steps (below 0: the scheduler's final alpha, alphas_cumprod[0] when
+    ``set_alpha_to_one`` is false), so ``timesteps`` should lie on that grid. ``timesteps`` = the scheduler's own
+    list gives :func:`sample_to_step`'s trajectories; other lists reproduce other samplers' loops (ldm's DDIMSampler
+    with ``t_start=-1``: baselines/esd.py, ``timesteps=compvis``).
+    Returns (z, one timestep per sample at which z lives: ``timesteps[0]`` after no step, else the last step's
+    t - num_train_timesteps // num_steps, 0 if that is negative).
+    """
+    stops = torch.as_tensor(list(steps_taken), dtype=torch.long)
+    if stops.numel() != x_T.shape[0]:
+        raise ValueError(f"{stops.numel()} stops for {x_T.shape[0]} samples")
+    along = torch.as_tensor(list(timesteps), dtype=torch.long)
+    if ((stops < 0) | (stops > along.numel())).any():
+        raise ValueError(f"steps_taken must be in [0, {along.numel()}], got {stops.tolist()}")
+    ddim_timesteps(scheduler, num_steps)  # the scheduler's step reads num_inference_steps
+    stride = scheduler.config.num_train_timesteps // num_steps
+    x = _ddim_loop(eps_fn, scheduler, x_T * scheduler.init_noise_sigma, conds, along, stops, guidance)
+    after = torch.cat([along[:1], (along - stride).clamp(min=0)])  # after[s]: where z lies after s steps
+    return x, after[stops]
+
+
+def _ddim_loop(eps_fn: EpsFn, scheduler, x: torch.Tensor, conds: Sequence[torch.Tensor], timesteps: torch.Tensor,
+               stops: torch.Tensor, guidance: float, extra: ExtraFn | None = None,
+               needed: NeededFn | None = None) -> torch.Tensor:
+    """The guided DDIM loop of :func:`sample_to_step` over ``timesteps`` (step i at ``timesteps[i]``; sample b takes
+    ``stops[b]`` steps). Returns the latents after each sample's last step."""
     for i in range(int(stops.max())):
         rows = (stops > i).nonzero().flatten().to(x.device)
         t = timesteps[i]
@@ -91,5 +126,4 @@ def sample_to_step(eps_fn: EpsFn, scheduler, x_T: torch.Tensor, conds: Sequence[
         else:
             x = x.clone()
             x[rows] = stepped
-    at = timesteps[stops]
-    return x, (at if per_sample else at[0])
+    return x

@@ -23,7 +23,7 @@ from .checkpoint import rng_state, set_rng_state
 from .errors import UserError
 from .method import TrainContext
 from .models import Models, resolve_dtype
-from .params import count, select_params
+from .params import TEXT_ENCODER_PREFIX, count, select_params
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,10 @@ class Session:
     def create(cls, cfg: DictConfig, models: Models, method_cls, method_cfg) -> "Session":
         tr = cfg.trainer
         n_unet = sum(p.numel() for p in models.unet.parameters())
-        trainable = select_params(models.unet, cfg.params)
+        trainable = select_params(models.unet, cfg.params, models.text_encoder)
+        n_text = count({k: v for k, v in trainable.items() if k.startswith(TEXT_ENCODER_PREFIX)})
+        if n_text and next(models.text_encoder.parameters()).dtype != torch.float32:
+            models.text_encoder.float()  # trained text-encoder weights and their AdamW state in fp32, as the UNet's
         generator = torch.Generator("cpu").manual_seed(int(tr.seed))
         adapters = {}
         if method_cls.shape == "adapter":  # the method's adapter sets, attached as the identity (erasure.adapters)
@@ -102,11 +105,13 @@ class Session:
                         p.data = p.data.to(precision)
         teacher_mode = str(tr.get("teacher_precision", "autocast"))  # autocast | pure (erasure.config.validate)
         # pure: the frozen teacher runs entirely in the low precision (no per-op fp32 norms/casts); CPU stays fp32
-        teacher = Teacher(models.unet, trainable, precision if teacher_mode == "pure" and precision != torch.float32 else None)
-        log.info("training %s: %.2fM parameters (params=%s%s; UNet %.2fM); the teacher holds only a frozen copy of "
+        teacher = Teacher(models.unet, trainable, precision if teacher_mode == "pure" and precision != torch.float32 else None,
+                          text_encoder=models.text_encoder)
+        log.info("training %s: %.2fM parameters (params=%s%s%s; UNet %.2fM); the teacher holds only a frozen copy of "
                  "those (%.1f MB instead of %.1f MB for a full UNet copy)", method_cls.name, count(trainable) / 1e6,
                  cfg.params.name, "".join(f", adapters '{n}' on {len(a.targets)} layers (rank {a.rank})"
                                           for n, a in adapters.items()),
+                 f", {n_text / 1e6:.2f}M of them in the text encoder" if n_text else "",
                  n_unet / 1e6, teacher.numel() * 4 / 2**20, n_unet * 4 / 2**20)
         if tr.get("compile"):
             models.unet.compile()  # torch.compile through nn.Module.compile (experimental; GPU)
@@ -198,14 +203,30 @@ class Session:
         factor = self.method.lr_factor(step)  # the method's schedule (constant unless it defines lr_factor)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        terms["loss"].backward()
+        self._optimize(terms["loss"])
+        self.check_finite(step)
+        out = {k: v.detach().float() for k, v in terms.items()}
+        for index in range(self.method.followup_steps(step)):  # e.g. AdvUnlearn's retain steps (method.followup_loss)
+            with self.autocast():
+                extra = self.method.followup_loss(step, index)
+            for name, value in extra.items():
+                if not torch.isfinite(value).all():
+                    raise UserError(f"loss term '{name}' of follow-up step {index + 1} became {value.item()} at step "
+                                    f"{step}: lower the learning rate (method.lr) or check the inputs; the run stopped")
+            self.optimizer.zero_grad(set_to_none=True)
+            self._optimize(extra.pop("loss"))
+            self.check_finite(step)
+            out.update({k: v.detach().float() for k, v in extra.items()})
+        self.method.after_step(step)
+        return out
+
+    def _optimize(self, loss: torch.Tensor) -> None:
+        """backward, the method's gradient clipping, one AdamW step."""
+        loss.backward()
         clip = getattr(self.method.cfg, "grad_clip", None)
         if clip:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip)
         self.optimizer.step()
-        self.check_finite(step)
-        self.method.after_step(step)
-        return {k: v.detach().float() for k, v in terms.items()}
 
     def check_finite(self, step: int) -> None:
         """Stop on a trained tensor that the optimizer step made non-finite (e.g. a huge learning rate overflows the

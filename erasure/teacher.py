@@ -4,6 +4,9 @@ Instead of deep-copying the UNet (859.5M parameters on SD v1.4), we keep a froze
 trainable subset and evaluate the teacher by calling the *same* module with those tensors swapped in
 through ``torch.func.functional_call``. With ``params=to_out`` on SD v1.4 the teacher costs 24.8M
 extra parameters (99 MB in fp32) instead of 859.5M (3.4 GB).
+
+Trained text-encoder parameters (``text_encoder.<name>``, :mod:`erasure.params`) get the same treatment: the teacher
+keeps frozen copies of them and :meth:`Teacher.encode` runs the shared text encoder with those copies swapped in.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import contextlib
 import torch
 from torch.func import functional_call
 
+from .params import split_params
+
 
 class Teacher:
     """``dtype=None``: the frozen copy keeps the trained parameters' dtype and the caller's autocast (if any) decides
@@ -19,10 +24,15 @@ class Teacher:
     with autocast off, the way diffusers runs a half-precision pipeline; the result is returned in float32
     (``trainer.teacher_precision=pure``, GPU only; the UNet's frozen weights must already be in ``dtype``)."""
 
-    def __init__(self, unet: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], dtype: torch.dtype | None = None):
+    def __init__(self, unet: torch.nn.Module, trainable: dict[str, torch.nn.Parameter], dtype: torch.dtype | None = None,
+                 text_encoder: torch.nn.Module | None = None):
         self.unet = unet
+        self.text_encoder = text_encoder
         self.dtype = dtype
-        self.params = {name: p.detach().clone().to(dtype or p.dtype) for name, p in trainable.items()}
+        frozen = {name: p.detach().clone().to(dtype or p.dtype) for name, p in trainable.items()}
+        self.params, self.text_params = split_params(frozen)  # UNet tensors; text-encoder tensors (prefix removed)
+        if self.text_params and text_encoder is None:
+            raise ValueError("trained text-encoder parameters need the text encoder: Teacher(..., text_encoder=...)")
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -34,13 +44,30 @@ class Teacher:
                                   {"encoder_hidden_states": encoder_hidden_states.to(self.dtype)}).sample
         return out.float()
 
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The frozen text encoder's last hidden state (float32) for token ids (B x 77): the base encoder, with the
+        frozen copies of any trained text-encoder parameters swapped in."""
+        if self.text_encoder is None:
+            raise ValueError("this teacher has no text encoder: Teacher(..., text_encoder=...)")
+        return functional_call(self.text_encoder, self.text_params, (input_ids,))[0].float()
+
     def numel(self) -> int:
-        return sum(p.numel() for p in self.params.values())
+        return sum(p.numel() for p in self.params.values()) + sum(p.numel() for p in self.text_params.values())
 
 
 def student_eps(unet: torch.nn.Module, sample, timestep, encoder_hidden_states) -> torch.Tensor:
     """epsilon prediction of the trained UNet (gradients flow to its trainable parameters)."""
     return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+
+@contextlib.contextmanager
+def swapped_weights(models, values: dict[str, torch.Tensor]):
+    """:func:`swapped_params` for a dict that may also hold text-encoder tensors (``text_encoder.<name>``): each part
+    swapped into its module (``models.unet``, ``models.text_encoder``) for the duration."""
+    unet_values, text_values = split_params(values or {})
+    with swapped_params(models.unet, unet_values), swapped_params(models.text_encoder, text_values):
+        yield models
 
 
 @contextlib.contextmanager

@@ -109,7 +109,8 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
             aside += time.perf_counter() - t0
     train_time = time.perf_counter() - start - aside
 
-    meta = dict(base_model=models.source, base_fingerprint=models.fingerprint, model=cfg.model.name,
+    meta = dict(base_model=models.source, base_fingerprint=models.fingerprint,
+                text_encoder_fingerprint=models.text_encoder_fingerprint, model=cfg.model.name,
                 method=method_cls.name, params=cfg.params.name, iterations=iterations, seed=int(tr.seed),
                 concept=str(cfg.concept.name))
     params = run.params()

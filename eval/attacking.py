@@ -155,7 +155,7 @@ def load_target(run_dir: str | Path, system: str, device: str = "auto") -> Targe
     params = sha = None
     if system == "run":
         # refused for another base; attaches the delta's adapter sets (the identity until the params are swapped in)
-        tensors, _ = load_delta(models.unet, models.fingerprint, run_dir / "delta.safetensors")
+        tensors, _ = load_delta(models, run_dir / "delta.safetensors")
         params = {k: v.to(models.device) for k, v in tensors.items()}
         sha = sha256_file(run_dir / "delta.safetensors")
     return Target(system, run_dir, run_cfg, models, params, sha)

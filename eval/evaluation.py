@@ -105,7 +105,7 @@ class Evaluation:
 
         if self._delta is None:  # checks the base and attaches the delta's adapter sets (the identity until swapped in);
             # the UNet keeps the base weights outside erased generation
-            self._delta, _ = load_delta(self.models.unet, self.models.fingerprint, self.run_dir / "delta.safetensors")
+            self._delta, _ = load_delta(self.models, self.run_dir / "delta.safetensors")
         return generate(self.models, rows, folder, sampler, desc=f"{self.label}: {name}", params=self._delta)
 
     def images(self, name: str):

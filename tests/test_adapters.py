@@ -102,17 +102,17 @@ def test_saved_adapter_delta_reloads_bit_for_bit_and_refuses_another_base(tiny_m
 
     fresh = load_models(compose_cfg(["model=tiny"]).model, "cpu")
     base_out = unet_out(fresh)
-    tensors, _ = load_delta(fresh.unet, fresh.fingerprint, path)  # attaches the set as the identity
+    tensors, _ = load_delta(fresh, path)  # attaches the set as the identity
     assert "pull" in attached(fresh.unet)
     torch.testing.assert_close(unet_out(fresh), base_out, rtol=0, atol=0)  # nothing copied yet: still the base
-    apply_delta(fresh.unet, fresh.fingerprint, path)
+    apply_delta(fresh, path)
     assert torch.equal(unet_out(fresh), trained_out)  # bit for bit
     # through a standard diffusers pipeline around the reloaded UNet
     assert fresh.pipeline().unet is fresh.unet
 
     other = load_models(compose_cfg(["model=tiny", "model.seed=7"]).model, "cpu")
     with pytest.raises(UserError, match="fingerprint"):
-        apply_delta(other.unet, other.fingerprint, path)
+        apply_delta(other, path)
     assert not attached(other.unet)  # refused before anything was attached
 
 

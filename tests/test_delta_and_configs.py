@@ -61,7 +61,7 @@ def test_delta_on_another_base_is_refused(tiny_run):
 
     other = load_models(compose_cfg(["model=tiny", "model.seed=7"]).model, "cpu")
     with pytest.raises(UserError, match="fingerprint"):
-        apply_delta(other.unet, other.fingerprint, tiny_run / "delta.safetensors")
+        apply_delta(other, tiny_run / "delta.safetensors")
 
 
 def test_delta_write_is_atomic_and_corrupt_file_is_refused(tmp_path):

@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..adversarial import random_prefix, soft_prompt, soft_prompt_attack
 from ..errors import UserError
 from ..method import BaseMethodConfig, ErasureMethod
 from ..registry import register
@@ -83,6 +84,20 @@ class OursConfig(BaseMethodConfig):
     lam: float = 5.0  # paper, Training Setup: lambda = 5 (set with the top-level shortcut `lambda=`)
     signal: str = "explicit"  # the erasing signal delta: explicit (instruction concepts), implicit (P2P) or none
     implicit: p2p.ImplicitConfig = dataclasses.field(default_factory=p2p.ImplicitConfig)  # signal=implicit only
+    # Robust All-but-One (an extension of ours, not in the paper; docs/METHODS.md "Robust All-but-One"): every
+    # adv_every iterations from adv_warmup on, the attack core (erasure.adversarial.soft_prompt_attack, AdvUnlearn's
+    # inner attack) searches adv_tokens prefix word embeddings that make the current student reproduce the teacher's
+    # concept at that iteration's z_t; the concept term of Eq. 12 is then also applied to that adversarial prompt,
+    # weighted adv_weight. The attack's settings default to AdvUnlearn's (OPTML-Group/AdvUnlearn @ 9d23124,
+    # train-scripts/AdvUnlearn.py l.254-261: adv_prompt_num 1, attack_step 30, attack_lr 1e-3, pgd, warm-up at 20%
+    # of the iterations: 200 of 1000 there, 40 of 200 here).
+    adversarial: bool = False
+    adv_every: int = 10  # iterations between attacks (the prompt is kept in between, and warm-starts the next attack)
+    adv_steps: int = 30  # Adam steps per attack (AdvUnlearn --attack_step 30)
+    adv_lr: float = 1e-3  # the attack's Adam learning rate (AdvUnlearn --attack_lr 1e-3)
+    adv_tokens: int = 1  # adversarial prefix tokens (AdvUnlearn --adv_prompt_num 1)
+    adv_warmup: int = 40  # no attack before this iteration (AdvUnlearn --warmup_iter 200 of 1000 iterations)
+    adv_weight: float = 1.0  # weight of the adversarial prompt's concept term beside the plain target's
 
 
 def concept_and_penalty(eps_c: torch.Tensor, eps_u: torch.Tensor, guidance_target: torch.Tensor,
@@ -147,6 +162,12 @@ class AllButOne(ErasureMethod):
         if cfg.signal not in SIGNALS:
             raise UserError(f"method.signal must be 'explicit', 'implicit' or 'none', got '{cfg.signal}'")
         p2p.validate_implicit(cfg.implicit)
+        for key in ("adv_every", "adv_steps", "adv_tokens"):
+            if getattr(cfg, key) < 1:
+                raise UserError(f"method.{key} must be at least 1, got {getattr(cfg, key)}")
+        if cfg.adv_warmup < 0 or not (math.isfinite(cfg.adv_lr) and cfg.adv_lr > 0) or cfg.adv_weight < 0:
+            raise UserError("method.adv_warmup and method.adv_weight must be 0 or more and method.adv_lr a positive "
+                            f"number, got {cfg.adv_warmup}, {cfg.adv_weight} and {cfg.adv_lr}")
 
     @classmethod
     def validate_concept(cls, concept) -> None:
@@ -164,6 +185,8 @@ class AllButOne(ErasureMethod):
 
     def __init__(self, cfg: OursConfig, ctx):
         super().__init__(cfg, ctx)
+        self.adv_step = 0  # iterations seen by adversarial_prompt (robust All-but-One)
+        self.adv_prompts: dict = {}  # target index -> its current adversarial prompt (erasure.adversarial.SoftPrompt)
         concept = ctx.concept
         targets = list(concept.targets)
         self.instructions = []
@@ -284,9 +307,71 @@ class AllButOne(ErasureMethod):
         return work
 
     def student_loss(self, work: dict) -> dict[str, torch.Tensor]:
-        """Algorithm 1, lines 11-12: one student forward on [z_t; z_t] x [c; ∅]."""
-        emb_c = self.emb_targets[work["target_index"]: work["target_index"] + 1]
-        eps_c, eps_u = eps_all(lambda x, t, e: student_eps(self.ctx.unet, x, t, e), work["z_t"], work["timestep"],
-                               [emb_c, self.emb_uncond])
-        concept, penalty = concept_and_penalty(eps_c, eps_u, work["guidance_target"], work["teacher_u"], self.cfg.gamma2)
-        return {"loss": concept + self.cfg.lam * penalty, "concept": concept, "penalty": penalty}
+        """Algorithm 1, lines 11-12: one student forward on [z_t; z_t] x [c; ∅] (with ``adversarial``: and on the
+        target's current adversarial prompt, whose concept term joins the loss)."""
+        i = work["target_index"]
+        emb_c = self.emb_targets[i: i + 1]
+        conds = [emb_c, self.emb_uncond]
+        adv = self.adversarial_prompt(work) if self.cfg.adversarial else None
+        if adv is not None:
+            conds.append(adv)
+        eps = eps_all(lambda x, t, e: student_eps(self.ctx.unet, x, t, e), work["z_t"], work["timestep"], conds)
+        concept, penalty = concept_and_penalty(eps[0], eps[1], work["guidance_target"], work["teacher_u"], self.cfg.gamma2)
+        terms = {"concept": concept, "penalty": penalty}
+        loss = concept + self.cfg.lam * penalty
+        if adv is not None:  # the same concept term for the adversarial prompt (its eps_u: the plain one's)
+            concept_adv, _ = concept_and_penalty(eps[2], eps[1], work["guidance_target"], work["teacher_u"],
+                                                 self.cfg.gamma2)
+            terms["concept_adv"] = concept_adv
+            loss = loss + self.cfg.adv_weight * concept_adv
+        return {"loss": loss, **terms}
+
+    def adversarial_prompt(self, work: dict) -> torch.Tensor | None:
+        """The encoding (1 x 77 x D, base text encoder) of the current adversarial prompt of the work's target, after
+        attacking the student again if this iteration is due (``adv_every`` from ``adv_warmup``); None before the
+        first attack. The attack: :func:`erasure.adversarial.soft_prompt_attack` on this iteration's z_t and
+        timestep, loss MSE(eps_student(z_t, t, E(adv prompt)), eps*(z_t, t, c)), all trained weights frozen, warm-
+        started from the target's previous adversarial embeddings (k random vocabulary words the first time)."""
+        cfg, ctx = self.cfg, self.ctx
+        self.adv_step += 1  # student_loss runs once per iteration, in order: this is the iteration number
+        i = work["target_index"]
+        if self.adv_step >= cfg.adv_warmup and (self.adv_step - cfg.adv_warmup) % cfg.adv_every == 0:
+            z_t, t = work["z_t"], work["timestep"]
+            emb_c = self.emb_targets[i: i + 1]
+            with torch.no_grad():
+                target = ctx.teacher(z_t, t, emb_c)
+
+            def loss_fn(hidden: torch.Tensor) -> torch.Tensor:
+                return F.mse_loss(student_eps(ctx.unet, z_t, t, hidden), target)
+
+            init = self.adv_prompts.get(i)
+            init = init.adv if init is not None else random_prefix(ctx.models.text_encoder, cfg.adv_tokens, ctx.generator)
+            frozen = list(ctx.trainable.values())
+            for p in frozen:
+                p.requires_grad_(False)
+            try:
+                self.adv_prompts[i] = soft_prompt_attack(ctx.models.text_encoder, ctx.models.tokenizer, self.targets[i],
+                                                         init, cfg.adv_steps, cfg.adv_lr, loss_fn)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+        prompt = self.adv_prompts.get(i)
+        if prompt is None:
+            return None
+        with torch.no_grad():  # ours trains UNet weights only: the encoding is a constant for the student
+            return prompt.encode(ctx.models.text_encoder)
+
+    def state_dict(self) -> dict:
+        if not self.cfg.adversarial:
+            return {}
+        return {"adv_step": self.adv_step, **{f"adv_{i}": p.adv for i, p in self.adv_prompts.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self.cfg.adversarial:
+            return
+        self.adv_step = int(state.get("adv_step", 0))
+        for key, adv in state.items():
+            if key.startswith("adv_") and key != "adv_step":
+                i = int(key[4:])
+                self.adv_prompts[i] = soft_prompt(self.ctx.models.text_encoder, self.ctx.models.tokenizer,
+                                                  self.targets[i], adv.to(self.ctx.device))

@@ -126,7 +126,7 @@ def purify_probe(run: str | Path | None = None, model=None, n: int = 20, seed: i
     systems = ["base"] + (["erased"] if run is not None else [])
     for system in systems:
         if system == "erased":
-            apply_delta(models.unet, models.fingerprint, Path(run) / "delta.safetensors")
+            apply_delta(models, Path(run) / "delta.safetensors")
         result[system], purified[system] = {}, {}
         for prompt in prompts:
             images = purify_images(models, inputs, prompt, steps, guidance, batch_size=batch_size)

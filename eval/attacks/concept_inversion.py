@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from erasure.errors import UserError
 from erasure.generation import Sampler, generate
-from erasure.teacher import swapped_params
+from erasure.teacher import swapped_weights
 
 from . import AttackResult, register_attack
 
@@ -285,7 +285,7 @@ def invert(models, latents: torch.Tensor, captions: Sequence[str], cfg: Config,
                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps)  # ci.py:806-812
     num_t = int(models.scheduler.config.num_train_timesteps)
     losses = []
-    with swapped_params(models.unet, params or {}), placeholder_embedding(models, token_id, vector):
+    with swapped_weights(models, params or {}), placeholder_embedding(models, token_id, vector):
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             total = 0.0

@@ -15,7 +15,6 @@ own code; differences from the official code are marked "Deviation".
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Callable, Sequence
@@ -24,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erasure.adversarial import encode_embeddings, insert_prefix, prompt_ids, token_embeddings_replaced  # noqa: F401 (re-exported)
 from erasure.errors import UserError
 from erasure.generation import Sampler, generate
-from erasure.teacher import swapped_params
+from erasure.teacher import swapped_weights
 
 from . import AttackResult, register_attack
 
@@ -122,44 +122,6 @@ def straight_through_embeddings(probs: torch.Tensor, table: torch.Tensor, genera
     return _StraightThrough.apply(probs, ids) @ table, ids
 
 
-@contextlib.contextmanager
-def token_embeddings_replaced(text_encoder: torch.nn.Module, embeds: torch.Tensor):
-    """Run ``text_encoder`` with its token-embedding lookup's output replaced by ``embeds`` (B x 77 x d): position
-    embeddings, causal mask and layers stay the model's own, and gradients reach ``embeds``. (transformers 5's
-    CLIPTextModel takes no ``inputs_embeds``; the official code reimplements the encoder's forward for this,
-    src/tasks/utils/text_encoder.py; a forward hook on the lookup does the same without a copy.)"""
-    handle = text_encoder.get_input_embeddings().register_forward_hook(lambda module, args, out: embeds.to(out.dtype))
-    try:
-        yield text_encoder
-    finally:
-        handle.remove()
-
-
-def encode_embeddings(text_encoder: torch.nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """Last hidden state of the text encoder for token embeddings ``embeds`` (``input_ids`` give only the shape)."""
-    with token_embeddings_replaced(text_encoder, embeds):
-        return text_encoder(input_ids)[0].float()
-
-
-def prompt_ids(tokenizer, prompt: str, k: int) -> tuple[torch.Tensor, int]:
-    """The prompt's 77 ids (padded with EOS as SD's tokenizer pads) and its length n in tokens; refuses a prompt
-    too long to keep its EOS once k tokens are inserted (the official split, text_grad_.py:81-90, needs n + k <= 75)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    n = int((ids[0] == tokenizer.eos_token_id).nonzero()[0, 0]) - 1
-    if n + k > tokenizer.model_max_length - 2:
-        raise UserError(f"prompt {prompt!r} has {n} tokens: with {k} adversarial tokens it must have at most "
-                        f"{tokenizer.model_max_length - 2 - k}")
-    return ids, n
-
-
-def insert_prefix(seq: torch.Tensor, adv: torch.Tensor, n: int) -> torch.Tensor:
-    """``seq`` (1 x 77 [x d]) with ``adv`` (1 x k [x d]) after the start token: [SOT, adv, prompt, EOS/pads], the
-    last k pads dropped (text_grad_.py:81-94 and 127-129, insertion_location = prefix_k)."""
-    k = adv.shape[1]
-    return torch.cat([seq[:, :1], adv, seq[:, 1:1 + n], seq[:, 1 + n + k:]], dim=1)
-
-
 @dataclasses.dataclass
 class PromptAttack:
     """What :func:`attack_prompts` found for one prompt."""
@@ -203,7 +165,7 @@ def attack_prompts(models, prompts: Sequence[str], seeds: Sequence[int], target_
     losses = [[] for _ in prompts]
     used = [[] for _ in prompts]
     active = list(range(n_prompts))
-    with swapped_params(models.unet, params or {}):
+    with swapped_weights(models, params or {}):
         for t in official_timesteps(cfg.n_timesteps, int(models.scheduler.config.num_train_timesteps)):
             if not active:
                 break

@@ -1,0 +1,76 @@
+"""Robust All-but-One (``method=ours method.adversarial=true``): when the attack runs, the adversarial prompt's
+concept term recomputed by hand from separate copies of the base model, the total loss, and the settings check."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from erasure.adversarial import encode_embeddings
+from erasure.config import validate
+from erasure.models import load_models
+from erasure.session import Session, seed_everything
+from tests.conftest import assert_refused_in_one_sentence, compose_cfg
+
+SMALL = ["model=tiny", "concept=circle", "method=ours", "method.T=4", "method.adversarial=true", "method.adv_steps=3",
+         "method.adv_warmup=2", "method.adv_every=3", "lambda=2"]
+
+
+def session(extra=()):
+    cfg = compose_cfg([*SMALL, *extra])
+    method_cls, mcfg = validate(cfg)
+    seed_everything(0)
+    models = load_models(cfg.model, "cpu")
+    return Session.create(cfg, models, method_cls, mcfg), models
+
+
+def test_attack_schedule_and_concept_term_by_hand():
+    sess, models = session()
+    unet0, te0 = copy.deepcopy(models.unet), copy.deepcopy(models.text_encoder)
+    method = sess.method
+    seen = []
+    for step in range(1, 6):
+        work = method.teacher_work([method.draw(step)])[0]
+        terms = method.student_loss(work)
+        seen.append("concept_adv" in terms)
+        if step == 2:  # the first attack (adv_warmup 2): its term, recomputed with the base copies
+            prompt = method.adv_prompts[work["target_index"]]
+            assert len(prompt.losses) == 3 and prompt.adv.shape == (1, 1, te0.config.hidden_size)
+            hidden = encode_embeddings(te0, prompt.input_ids, prompt.embeds).detach()
+            ids = models.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+            with torch.no_grad():
+                emb_u = te0(ids)[0]
+                eps_adv = unet0(work["z_t"], work["timestep"], encoder_hidden_states=hidden).sample
+                eps_u = unet0(work["z_t"], work["timestep"], encoder_hidden_states=emb_u).sample
+            expected = ((7.5 * (eps_adv - eps_u) - work["guidance_target"]) ** 2).mean()
+            assert terms["concept_adv"].item() == pytest.approx(expected.item(), rel=1e-4)
+            total = terms["concept"] + 2 * terms["penalty"] + terms["concept_adv"]
+            assert terms["loss"].item() == pytest.approx(total.item(), rel=1e-6)
+            # the attack's objective at its final prompt: the student with the adversarial prompt against the
+            # teacher's concept prediction (eps*(z_t, t, c)); lower than with the prompt's first embeddings
+            emb_c = te0(models.tokenizer(["a circle"], padding="max_length", max_length=77,
+                                         return_tensors="pt").input_ids)[0].detach()
+            with torch.no_grad():
+                target = unet0(work["z_t"], work["timestep"], encoder_hidden_states=emb_c).sample
+            final = F.mse_loss(eps_adv, target).item()
+            assert final < prompt.losses[0]
+    # no attack before iteration 2; the prompt is kept between attacks (iterations 2 and 5) and used every iteration
+    assert seen == [False, True, True, True, True]
+    assert method.adv_step == 5
+
+
+def test_plain_ours_is_unchanged_by_the_option_being_off():
+    on, _ = session(["method.adv_warmup=100"])  # on, but before its first attack: the plain loss
+    off, _ = session(["method.adversarial=false"])
+    a = on.method.student_loss(on.method.teacher_work([on.method.draw(1)])[0])
+    b = off.method.student_loss(off.method.teacher_work([off.method.draw(1)])[0])
+    assert set(a) == set(b) == {"loss", "concept", "penalty"}
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_bad_adversarial_settings_refused():
+    assert_refused_in_one_sentence([*SMALL, "method.adv_every=0"], "method.adv_every must be at least 1")
+    assert_refused_in_one_sentence([*SMALL, "method.adv_lr=-1"], "method.adv_lr a positive number")
