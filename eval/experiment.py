@@ -67,8 +67,8 @@ def train_job(cfg: DictConfig, method: str, run_dir: Path, name: str, extra: lis
 
     from erasure.config import compose as compose_train
 
-    overrides = [f"method={method}", f"model={cfg.model}", f"concept={cfg.concept}", *_split(cfg.train_overrides),
-                 *_split((cfg.get("method_overrides") or {}).get(method)), *extra]
+    overrides = [*system_overrides(cfg, method), f"model={cfg.model}", f"concept={cfg.concept}",
+                 *_split(cfg.train_overrides), *_split((cfg.get("method_overrides") or {}).get(method)), *extra]
     try:
         config = compose_train(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -137,14 +137,31 @@ def run_training(jobs: list[TrainJob], n_jobs: int, reuse: bool) -> tuple[dict, 
     return timings, failed
 
 
+def system_overrides(cfg: DictConfig, name: str) -> list[str]:
+    """The overrides that make system ``name``: ``method=<name>`` for a registered method, or the variant's own
+    (``variants.<name>``: a string or list of erasure.train overrides that starts with ``method=<registered method>``,
+    e.g. ``ours_adv: method=ours method.adversarial=true``). A variant is a row of its own, trained in runs/<name>."""
+    variant = (cfg.get("variants") or {}).get(name)
+    if variant is None:
+        return [f"method={name}"]
+    overrides = _split(variant)
+    if not overrides or not overrides[0].startswith("method="):
+        raise UserError(f"variants.{name} must start with method=<a registered method>, got {variant!r}")
+    return overrides
+
+
 def chosen_methods(cfg: DictConfig) -> list[str]:
-    """``methods`` (null = every registered method), each checked against the registry."""
+    """``methods`` (null = every registered method, then every variant), each checked against the registry and
+    ``variants``."""
     from erasure import registry
 
-    methods = list(cfg.methods) if cfg.methods else registry.available()
-    unknown = [m for m in methods if m not in registry.available()]
+    variants = list(cfg.get("variants") or {})
+    known = registry.available() + [v for v in variants if v not in registry.available()]
+    methods = list(cfg.methods) if cfg.methods else known
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(registry.available())}")
+        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(known)} (or add a variant: "
+                        f"++variants.<name>=\"'method=<method> <overrides>'\")")
     return methods
 
 

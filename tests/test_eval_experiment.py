@@ -60,6 +60,23 @@ def test_both_experiments_build_their_commands_in_train_job(tmp_path, monkeypatc
     assert jobs[4].command == [*common, "lambda=5", "trainer.seed=0", f"hydra.run.dir={tmp_path / 'r' / 'lambda' / 'lambda5_seed0'}"]
 
 
+def test_a_variant_is_a_row_of_its_own(tmp_path, monkeypatch):
+    """variants.<name>: its own run folder and name, trained with its overrides after method=<method>; the default
+    list (methods=null) ends with the variants; a variant that does not start with method= is refused."""
+    jobs = _jobs(monkeypatch, "experiment/table1", [*TINY, f"out={tmp_path / 't'}", "methods=[ours,ours_adv]"])
+    assert [j.name for j in jobs] == ["ours", "ours_adv"]
+    assert jobs[1].command[3:6] == ["method=ours", "method.adversarial=true", "model=tiny"]
+    assert jobs[1].run_dir == tmp_path / "t" / "runs" / "ours_adv" and jobs[1].config.method.adversarial is True
+    assert jobs[0].config.method.adversarial is False
+    cfg = compose("experiment/table1", ["++variants.esd_diffusers='method=esd method.timesteps=diffusers'"])
+    names = experiment.chosen_methods(cfg)
+    assert names[-2:] == ["ours_adv", "esd_diffusers"] and "advunlearn" in names
+    from erasure.errors import UserError
+
+    with pytest.raises(UserError, match="variants.bad must start with method="):
+        experiment.system_overrides(compose("experiment/table1", ["++variants.bad='lambda=1'"]), "bad")
+
+
 def test_a_bad_training_override_stops_before_any_training(tmp_path):
     from erasure.errors import UserError
 
