@@ -6,14 +6,24 @@ of the concept (SHI-Labs/Forget-Me-Not, src/train_attn.py reads them from ``data
 no photographs, so the base model generates them), through :func:`erasure.generation.generate`. Both only
 ever use their VAE latents, so we keep the pipeline's latents (``output="latent"``, already multiplied by the VAE
 scaling factor) and skip the decode / re-encode round trip.
+
+SalUn trains on base-model generations of its forget and retain prompts (OPTML-Group/Unlearn-Saliency, SD/README.md:
+800 images each); those sets are large, so :func:`cached_latents` keeps them on disk, keyed by everything that
+decides them, and later runs read them back.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from erasure.generation import Sampler, generate
+from erasure.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -36,4 +46,60 @@ def generate_latents(ctx, prompts: list[str], count: int, steps: int, guidance: 
     sampler = Sampler(models.generation_scheduler, steps=steps, guidance=guidance, resolution=models.resolution,
                       batch_size=batch_size)
     latents = generate(models, chosen, sampler, generator=ctx.generator, output="latent")
+    return latents.to(models.device), chosen
+
+
+# ------------------------------------------------------------------------------------- generated sets kept on disk
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_FORMAT = "erasure-latents/1"  # bump when what a cached file holds changes
+
+
+def resolve_cache_dir(path: str | Path) -> Path:
+    """A cache folder: absolute, or relative to the repository root (as the evaluation's ``cache_dir``), so that runs
+    started from any working directory share it."""
+    p = Path(str(path)).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def latents_key(models, prompts: list[str], count: int, sampler: Sampler, seed: int) -> dict:
+    """Everything that decides the latents :func:`cached_latents` generates: the base model (UNet and text-encoder
+    fingerprints), the sampler (scheduler and its config, steps, resolution, guidance, batch size: one generator is
+    drawn batch by batch), the prompts, the count, the seed, and the device and dtype the model ran in."""
+    return dict(format=CACHE_FORMAT, unet=models.fingerprint, text_encoder=models.text_encoder_fingerprint,
+                sampler=sampler.describe(), guidance=float(sampler.guidance), batch_size=int(sampler.batch_size),
+                prompts=[str(p) for p in prompts], count=int(count), seed=int(seed),
+                device=models.device.type, dtype=str(models.dtype))
+
+
+def cached_latents(ctx, prompts: list[str], count: int, steps: int, guidance: float, *, seed: int,
+                   cache_dir: str | Path, batch_size: int = 4) -> tuple[torch.Tensor, list[str]]:
+    """:func:`generate_latents`, kept on disk: ``count`` base-model latents, prompt i % len(prompts) for image i.
+
+    The noise comes from a generator of its own, ``torch.Generator("cpu").manual_seed(seed)``, not from the method's
+    ``ctx.generator``: a run that finds the file and a run that generates it leave the method's generator in the same
+    state and so train identically. The file is ``<cache_dir>/latents/<hash of latents_key>.safetensors`` (tensor
+    ``latents``; its metadata holds the key, checked on every read), written atomically, no pickle.
+    Returns (latents (count, C, h, w) on the model's device, the prompt of each latent).
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    models = ctx.models
+    chosen = [str(prompts[i % len(prompts)]) for i in range(count)]
+    sampler = Sampler(models.generation_scheduler, steps=steps, guidance=guidance, resolution=models.resolution,
+                      batch_size=batch_size)
+    key = json.dumps(latents_key(models, prompts, count, sampler, seed), sort_keys=True, default=str)
+    path = resolve_cache_dir(cache_dir) / "latents" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                log.info("%d base-model latents from the cache: %s", count, path)
+                return f.get_tensor("latents").to(models.device), chosen
+        log.warning("%s holds other latents than its name says; generating them again", path)
+    log.info("generating %d images with the base model (%d steps, guidance %.1f, seed %d) -> %s", count, steps,
+             guidance, seed, path)
+    latents = generate(models, chosen, sampler, generator=torch.Generator("cpu").manual_seed(int(seed)), output="latent",
+                       desc="base-model images (cached)")
+    tensors = {"latents": latents.detach().float().cpu().contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": key}))
     return latents.to(models.device), chosen
