@@ -153,6 +153,6 @@ def test_methods_are_found_in_a_checkout_that_was_never_installed(monkeypatch):
     monkeypatch.setattr(registry.METHODS, "_items", {})
     monkeypatch.setattr(registry.METHODS, "_loaded", False)
     for mod in ("erasure.allbutone.ours", "baselines.esd", "baselines.sdd", "baselines.ablating", "baselines.fmn",
-                "baselines.uce", "baselines.rece", "baselines.mace", "baselines.spm"):
+                "baselines.uce", "baselines.rece", "baselines.mace", "baselines.spm", "baselines.advunlearn", "baselines.salun"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
-    assert registry.available() == ["ablating", "esd", "fmn", "mace", "ours", "rece", "sdd", "spm", "uce"]
+    assert registry.available() == ["ablating", "advunlearn", "esd", "fmn", "mace", "ours", "rece", "salun", "sdd", "spm", "uce"]
