@@ -257,8 +257,13 @@ def run(cfg: DictConfig, command: str) -> dict:
                              [f"lambda={lam}", f"trainer.seed={s}"])  # folder names without '=': Hydra's grammar
                    for lam in cfg.lambdas for s in seeds or []]
     t0 = time.perf_counter()
-    train_times, failed = run_training([j for js in jobs.values() for j in js] + lambda_jobs,
-                                       max(1, int(cfg.jobs or 1)), bool(cfg.reuse))
+    every = [j for js in jobs.values() for j in js] + lambda_jobs
+    missing = {}
+    if not cfg.get("train", True):  # report the finished runs only; list the others as missing
+        missing = {j.name: f"{j.name} (not trained: train=false)" for j in every if needs_training(j, True)}
+    train_times, failed = run_training([j for j in every if j.name not in missing], max(1, int(cfg.jobs or 1)),
+                                       bool(cfg.reuse))
+    failed.update(missing)
     timings = {"training_s": round(time.perf_counter() - t0, 1)}
     todo = {}
     for s, js in jobs.items():
@@ -328,7 +333,7 @@ def summarise_seeds(cfg: DictConfig, out: Path, per_seed: dict, lambda_jobs: lis
     if png:
         md += ["", "![frontier](frontier.png)"]
     if meta["failed"]:
-        md += ["", "Missing (training failed): " + "; ".join(meta["failed"].values())]
+        md += ["", "Missing runs (training failed, or train=false): " + "; ".join(meta["failed"].values())]
     write_text_atomic(out / "results.md", "\n".join(md) + "\n")
     log.info("results done in %.0f s -> %s/results.md", timings["total_s"], out)
     return dict(markdown="\n".join(md) + "\n", table=data, frontier=rows, meta=meta)

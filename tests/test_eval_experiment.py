@@ -77,6 +77,23 @@ def test_a_variant_is_a_row_of_its_own(tmp_path, monkeypatch):
         experiment.system_overrides(compose("experiment/table1", ["++variants.bad='lambda=1'"]), "bad")
 
 
+def test_train_false_trains_nothing(tmp_path, monkeypatch):
+    """train=false: no job reaches training; the unfinished ones are reported as missing, not trained."""
+    handed = []
+
+    def stop(jobs, n_jobs, reuse):
+        handed.append(list(jobs))
+        raise _Stop
+
+    monkeypatch.setattr(experiment, "run_training", stop)
+    with pytest.raises(_Stop):
+        experiment.run(compose("experiment/results", [*TINY, f"out={tmp_path / 'r'}", "seeds=[0]", "train=false"]), "t")
+    assert handed == [[]]
+    with pytest.raises(_Stop):  # and with train=true they all go
+        experiment.run(compose("experiment/results", [*TINY, f"out={tmp_path / 'r'}", "seeds=[0]"]), "t")
+    assert len(handed[1]) == 7 and not (tmp_path / "r" / "table1").exists()
+
+
 def test_a_bad_training_override_stops_before_any_training(tmp_path):
     from erasure.errors import UserError
 
