@@ -230,15 +230,10 @@ class AdvUnlearn(ErasureMethod):
             init = random_prefix(ctx.models.text_encoder, cfg.adv_prompt_num, ctx.generator)
         else:
             init = self.adv.adv
-        frozen = list(ctx.trainable.values())
-        for p in frozen:  # the attack moves only the adversarial embeddings (AdvUnlearn.py l.92-94)
-            p.requires_grad_(False)
-        try:
-            return soft_prompt_attack(ctx.models.text_encoder, self.tokenizer, self.targets[self.word], init,
-                                      cfg.attack_step, cfg.attack_lr, loss_fn, method=cfg.attack_method)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        # the attack moves only the adversarial embeddings (AdvUnlearn.py l.92-94)
+        return soft_prompt_attack(ctx.models.text_encoder, self.tokenizer, self.targets[self.word], init,
+                                  cfg.attack_step, cfg.attack_lr, loss_fn, method=cfg.attack_method,
+                                  frozen=ctx.trainable.values())
 
     def training_step(self, step: int) -> dict[str, torch.Tensor]:
         cfg, ctx = self.cfg, self.ctx

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -98,7 +98,7 @@ def random_prefix(text_encoder: torch.nn.Module, k: int, generator: torch.Genera
 
 def soft_prompt_attack(text_encoder: torch.nn.Module, tokenizer, prompt: str, init: torch.Tensor, steps: int,
                        lr: float, loss_fn: Callable[[torch.Tensor], torch.Tensor], method: str = "pgd",
-                       accumulate: bool = True) -> SoftPrompt:
+                       accumulate: bool = True, frozen: Iterable[torch.nn.Parameter] | None = None) -> SoftPrompt:
     """AdvUnlearn's inner attack (attack_util.py ``soft_prompt_attack``): k word embeddings ``init`` (1 x k x d) placed
     after the start token of ``prompt`` are moved by Adam (lr ``lr``) for ``steps`` steps to minimise
     ``loss_fn(encoding)``, the encoding being ``text_encoder``'s last hidden state of the whole input (1 x 77 x D).
@@ -108,7 +108,9 @@ def soft_prompt_attack(text_encoder: torch.nn.Module, tokenizer, prompt: str, in
     'fast_at' = Adam on the gradient's sign (``adv_embedding.grad.sign_()`` first). ``accumulate``: the official loop
     never zeroes the embedding's gradient between steps, so each Adam step sees the sum of the gradients so far; kept
     as the default, ``False`` zeroes it each step. The text encoder's own weights get no gradient from the attack
-    (the official code sets ``requires_grad_(False)`` on the encoder around it).
+    (the official code sets ``requires_grad_(False)`` on the encoder around it); ``frozen``: the parameters held
+    without gradient during the attack (default: the text encoder's trainable ones; a training method passes every
+    weight it trains, so that the attack's backward passes leave them alone).
     """
     if method not in ("pgd", "fast_at"):
         raise ValueError(f"attack method must be 'pgd' or 'fast_at', got {method!r}")
@@ -120,8 +122,9 @@ def soft_prompt_attack(text_encoder: torch.nn.Module, tokenizer, prompt: str, in
     adv = init.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([adv], lr=lr)  # attack_util.py: torch.optim.Adam([adv_embedding], lr=attack_lr)
     losses = []
-    trained = [p for p in text_encoder.parameters() if p.requires_grad]
-    for p in trained:  # attack_util.py runs with the encoder frozen
+    candidates = text_encoder.parameters() if frozen is None else frozen
+    trained = [p for p in candidates if p.requires_grad]
+    for p in trained:  # attack_util.py runs with the encoder frozen (AdvUnlearn.py l.92-94)
         p.requires_grad_(False)
     try:
         for _ in range(int(steps)):

@@ -346,15 +346,9 @@ class AllButOne(ErasureMethod):
 
             init = self.adv_prompts.get(i)
             init = init.adv if init is not None else random_prefix(ctx.models.text_encoder, cfg.adv_tokens, ctx.generator)
-            frozen = list(ctx.trainable.values())
-            for p in frozen:
-                p.requires_grad_(False)
-            try:
-                self.adv_prompts[i] = soft_prompt_attack(ctx.models.text_encoder, ctx.models.tokenizer, self.targets[i],
-                                                         init, cfg.adv_steps, cfg.adv_lr, loss_fn)
-            finally:
-                for p in frozen:
-                    p.requires_grad_(True)
+            self.adv_prompts[i] = soft_prompt_attack(ctx.models.text_encoder, ctx.models.tokenizer, self.targets[i],
+                                                     init, cfg.adv_steps, cfg.adv_lr, loss_fn,
+                                                     frozen=ctx.trainable.values())
         prompt = self.adv_prompts.get(i)
         if prompt is None:
             return None
