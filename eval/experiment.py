@@ -166,9 +166,10 @@ def chosen_methods(cfg: DictConfig) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
-def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path) -> DictConfig:
-    """The evaluation config of one system, sharing the experiment's suite (and its overrides)."""
-    return OmegaConf.create(dict(run=str(run) if run else None, system=system, out=str(out), name=None,
+def system_cfg(cfg: DictConfig, system: str, run: Path | None, out: Path, name: str | None = None) -> DictConfig:
+    """The evaluation config of one system, sharing the experiment's suite (and its overrides). ``name``: its row's
+    label (default: the run's method; a variant's run needs its own, e.g. ``ours_adv`` beside ``ours``)."""
+    return OmegaConf.create(dict(run=str(run) if run else None, system=system, out=str(out), name=name,
                                  data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, device=cfg.device, force=cfg.force,
                                  suite=OmegaConf.to_container(cfg.suite, resolve=False)))
 
@@ -181,7 +182,7 @@ def evaluate_table(cfg: DictConfig, root: Path, methods: list[str], title: str) 
     timings = {}
     for system, run, folder in systems:
         t0 = time.perf_counter()
-        evaluate(system_cfg(cfg, system, run, folder))
+        evaluate(system_cfg(cfg, system, run, folder, name=run.name if system == "run" else None))
         timings[f"eval/{folder.name}"] = round(time.perf_counter() - t0, 1)
     result = report([folder for _, _, folder in systems], root, title, bool(cfg.rank_oracles), str(cfg.logger),
                     str(cfg.wandb_project))

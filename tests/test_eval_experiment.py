@@ -77,6 +77,17 @@ def test_a_variant_is_a_row_of_its_own(tmp_path, monkeypatch):
         experiment.system_overrides(compose("experiment/table1", ["++variants.bad='lambda=1'"]), "bad")
 
 
+def test_each_run_row_is_labelled_by_its_folder(tmp_path, monkeypatch):
+    """A variant's row keeps its own name (ours_adv's run config says method=ours): the evaluation is told the run
+    folder's name; the base model and reference keep their own labels."""
+    seen = []
+    monkeypatch.setattr(experiment, "evaluate", lambda c: seen.append((c.system, c.name)))
+    monkeypatch.setattr(experiment, "report", lambda *a, **k: dict(markdown="", records=[]))
+    cfg = compose("experiment/table1", TINY)
+    experiment.evaluate_table(cfg, tmp_path, ["ours", "ours_adv"], "t")
+    assert seen == [("base", None), ("run", "ours"), ("run", "ours_adv"), ("reference", None)]
+
+
 def test_train_false_trains_nothing(tmp_path, monkeypatch):
     """train=false: no job reaches training; the unfinished ones are reported as missing, not trained."""
     handed = []
