@@ -51,3 +51,27 @@ def tiny_models(tiny_cfg):
 def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**(os.environ if env is None else env), "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def build_method(overrides: list[str], generator_seed: int = 0):
+    """What erasure.trainer.train sets up before its loop, for unit tests of one method: the config composed from
+    ``overrides``, the tiny model, the trainable subset, the frozen teacher and the method. Returns (method, ctx, cfg)."""
+    import torch
+
+    from erasure.config import validate
+    from erasure.method import TrainContext
+    from erasure.models import load_models
+    from erasure.params import select_params
+    from erasure.session import seed_everything
+    from erasure.teacher import Teacher
+
+    cfg = compose_cfg(overrides)
+    method_cls, mcfg = validate(cfg)
+    seed_everything(0)
+    models = load_models(cfg.model, "cpu")
+    trainable = select_params(models.unet, cfg.params)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    ctx = TrainContext(models=models, trainable=trainable, teacher=Teacher(models.unet, trainable),
+                       concept=cfg.concept, cfg=cfg, generator=torch.Generator().manual_seed(generator_seed))
+    return method_cls(mcfg, ctx), ctx, cfg

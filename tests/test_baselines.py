@@ -14,14 +14,10 @@ from baselines.esd import esd_loss
 from baselines.fmn import concept_positions, resteering_loss
 from baselines.sdd import ema_update, sdd_loss
 from erasure.delta import read_delta
-from erasure.method import TrainContext
 from erasure.models import load_models
 from erasure.params import select_params
-from erasure.teacher import Teacher
-from erasure.config import validate
-from erasure.session import seed_everything
 from erasure.trainer import train
-from tests.conftest import compose_cfg
+from tests.conftest import build_method, compose_cfg
 
 # tiny anchor / reference sets so that the methods that generate images start in well under a second
 SMALL = {
@@ -34,16 +30,7 @@ SMALL = {
 
 def build(method: str, extra: list[str] = ()):
     """What erasure.trainer.train sets up before its loop: the method on the tiny model, and its context."""
-    cfg = compose_cfg(["model=tiny", "concept=nudity", f"method={method}", *SMALL[method], *extra])
-    method_cls, mcfg = validate(cfg)
-    seed_everything(0)
-    models = load_models(cfg.model, "cpu")
-    trainable = select_params(models.unet, cfg.params)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    ctx = TrainContext(models=models, trainable=trainable, teacher=Teacher(models.unet, trainable),
-                       concept=cfg.concept, cfg=cfg, generator=torch.Generator().manual_seed(0))
-    return method_cls(mcfg, ctx), ctx, cfg
+    return build_method(["model=tiny", "concept=nudity", f"method={method}", *SMALL[method], *extra])
 
 
 # ---------------------------------------------------------------- losses against hand computations

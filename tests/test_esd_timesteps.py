@@ -19,13 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erasure.config import validate
-from erasure.method import TrainContext
-from erasure.models import load_models
-from erasure.params import select_params
-from erasure.session import seed_everything
-from erasure.teacher import Teacher
-from tests.conftest import assert_refused_in_one_sentence, compose_cfg
+from tests.conftest import assert_refused_in_one_sentence, build_method, compose_cfg
 
 # t_enc -> (DDIM steps taken, first and last timestep stepped from, DDPM timestep z lies at, t_enc_ddpm's range
 # [lo, hi] inclusive), S = 50, worked out by hand from the rules in the module docstring
@@ -45,16 +39,8 @@ HAND_S10 = {0: (9, 0, (0, 99)), 1: (9, 0, (100, 199)), 2: (8, 1, (200, 299)), 5:
 
 def build(extra: list[str] = ()):
     """ESD on the tiny random-weight model, as erasure.trainer.train sets it up (tests/test_baselines.py's build)."""
-    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=esd", *extra])
-    method_cls, mcfg = validate(cfg)
-    seed_everything(0)
-    models = load_models(cfg.model, "cpu")
-    trainable = select_params(models.unet, cfg.params)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    ctx = TrainContext(models=models, trainable=trainable, teacher=Teacher(models.unet, trainable),
-                       concept=cfg.concept, cfg=cfg, generator=torch.Generator().manual_seed(0))
-    return method_cls(mcfg, ctx), ctx
+    method, ctx, _ = build_method(["model=tiny", "concept=nudity", "method=esd", *extra])
+    return method, ctx
 
 
 def perturb_student(ctx) -> None:

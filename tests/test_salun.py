@@ -14,13 +14,10 @@ from baselines.salun import forgetting_loss, top_fraction_mask, unlearning_losse
 from erasure.config import group_options, validate
 from erasure.delta import read_delta
 from erasure.errors import UserError
-from erasure.method import TrainContext
 from erasure.models import load_models
-from erasure.params import select_params
 from erasure.session import Session, seed_everything
-from erasure.teacher import Teacher
 from erasure.trainer import train
-from tests.conftest import assert_refused_in_one_sentence, compose_cfg
+from tests.conftest import assert_refused_in_one_sentence, build_method, compose_cfg
 
 # 4 forget and 4 retain images of 2 sampling steps, batches of 2: the method starts in about a second on the tiny model
 SMALL = ["method.num_forget_images=4", "method.num_retain_images=4", "method.image_steps=2", "method.batch_size=2",
@@ -32,23 +29,19 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("salun_cache")  # the generated sets, shared by this module's tests
 
 
+def overrides(cache, extra=()):
+    return ["model=tiny", "concept=nudity", "method=salun", *SMALL, f"method.cache_dir={cache}",
+            "trainer.preview_every=0", *extra]
+
+
 def config(cache, extra=()):
-    return compose_cfg(["model=tiny", "concept=nudity", "method=salun", *SMALL, f"method.cache_dir={cache}",
-                        "trainer.preview_every=0", *extra])
+    return compose_cfg(overrides(cache, extra))
 
 
 def build(cache, extra=(), seed=0):
     """What erasure.session.Session.create sets up before the loop: the method on the tiny model, and its context."""
-    cfg = config(cache, extra)
-    method_cls, mcfg = validate(cfg)
-    seed_everything(0)
-    models = load_models(cfg.model, "cpu")
-    trainable = select_params(models.unet, cfg.params)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    ctx = TrainContext(models=models, trainable=trainable, teacher=Teacher(models.unet, trainable),
-                       concept=cfg.concept, cfg=cfg, generator=torch.Generator().manual_seed(seed))
-    return method_cls(mcfg, ctx), ctx
+    method, ctx, _ = build_method(overrides(cache, extra), generator_seed=seed)
+    return method, ctx
 
 
 # ---------------------------------------------------------------------------------------------- formulas by hand
