@@ -195,10 +195,7 @@ class Session:
             return self.edit()
         with self.autocast():
             terms = self.step_fn(step)
-        for name, value in sorted(terms.items(), key=lambda kv: kv[0] == "loss"):  # name a component before the total
-            if not torch.isfinite(value).all():
-                raise UserError(f"loss term '{name}' became {value.item()} at step {step}: lower the learning rate "
-                                f"(method.lr) or check the inputs; the run stopped")
+        self.check_terms(terms, step)
         self.optimizer.zero_grad(set_to_none=True)
         factor = self.method.lr_factor(step)  # the method's schedule (constant unless it defines lr_factor)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -209,16 +206,21 @@ class Session:
         for index in range(self.method.followup_steps(step)):  # e.g. AdvUnlearn's retain steps (method.followup_loss)
             with self.autocast():
                 extra = self.method.followup_loss(step, index)
-            for name, value in extra.items():
-                if not torch.isfinite(value).all():
-                    raise UserError(f"loss term '{name}' of follow-up step {index + 1} became {value.item()} at step "
-                                    f"{step}: lower the learning rate (method.lr) or check the inputs; the run stopped")
+            self.check_terms(extra, step, f" of follow-up step {index + 1}")
             self.optimizer.zero_grad(set_to_none=True)
             self._optimize(extra.pop("loss"))
             self.check_finite(step)
             out.update({k: v.detach().float() for k, v in extra.items()})
         self.method.after_step(step)
         return out
+
+    @staticmethod
+    def check_terms(terms: dict[str, torch.Tensor], step: int, where: str = "") -> None:
+        """Stop on a non-finite loss term, naming a component before the total."""
+        for name, value in sorted(terms.items(), key=lambda kv: kv[0] == "loss"):
+            if not torch.isfinite(value).all():
+                raise UserError(f"loss term '{name}'{where} became {value.item()} at step {step}: lower the learning "
+                                f"rate (method.lr) or check the inputs; the run stopped")
 
     def _optimize(self, loss: torch.Tensor) -> None:
         """backward, the method's gradient clipping, one AdamW step."""
