@@ -180,10 +180,8 @@ class ESD(ErasureMethod):
             steps_taken = ctx.randint(0, cfg.ddim_steps)  # esd_sd.py l.128: random.randint(0, num_inference_steps-1)
             x_T = ctx.randn(1, *ctx.models.latent_shape)
             return dict(target_index=i, steps_taken=steps_taken, x_T=x_T)
-        t_enc = ctx.randint(0, cfg.ddim_steps)  # train-esd.py l.226: t_enc = torch.randint(ddim_steps, (1,))
-        query = ctx.randint(*compvis_query_bin(t_enc, cfg.ddim_steps, self._num_train))  # l.231: t_enc_ddpm
-        x_T = ctx.randn(1, *ctx.models.latent_shape)  # l.233: start_code = torch.randn((1, 4, 64, 64))
-        return dict(target_index=i, t_enc=t_enc, query_timestep=query, x_T=x_T)
+        d = compvis_draw(ctx, cfg.ddim_steps)  # train-esd.py l.226-233: t_enc, t_enc_ddpm, start_code
+        return dict(target_index=i, t_enc=d["t_enc"], query_timestep=int(d["query"]), x_T=d["x_T"])
 
     @property
     def _num_train(self) -> int:
