@@ -25,10 +25,11 @@ install: .venv/.installed ## create .venv (if missing) and install everything
 demo: install ## install if needed, then run the main job on the default model
 	$(PY) -m erasure.train method=ours lambda=5
 
-test: install ## install if needed, then check the import contracts, run the test suite (slow tests excluded) and the robustness smoke
+test: install ## install if needed, then check the import contracts, run the test suite (slow tests excluded), the robustness and concepts smokes
 	.venv/bin/lint-imports
 	$(PY) -m pytest -m "not slow" -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory robustness-smoke
+	$(MAKE) --no-print-directory concepts-smoke
 
 test-slow: install ## the slow tests only
 	$(PY) -m pytest -m slow -q $(PYTEST_ARGS)
@@ -58,9 +59,13 @@ SMOKE_MODEL ?= $(if $(HAVE_TOYWORLD),toyworld,tiny)
 SMOKE_CONCEPT ?= $(if $(HAVE_TOYWORLD),circle,nudity)
 # smoke only: 2 iterations, no previews, a 1-seed detector probe (toy concepts), fewer anchor/reference images and sampling steps inside the baselines' data preparation
 SMOKE_TRAIN = trainer.iterations=2 trainer.preview_every=0 $(if $(filter circle,$(SMOKE_CONCEPT)),concept.probe.seeds=1,)
+# (the closed-form edits UCE and RECE keep their one step)
 SMOKE_METHODS = '++method_overrides.ablating="method.num_anchor_images=4 method.anchor_steps=4"' \
   '++method_overrides.fmn="method.num_reference_images=2 method.reference_steps=4"' \
-  '++method_overrides.esd="method.ddim_steps=4"' '++method_overrides.sdd="method.ddim_steps=4"'
+  '++method_overrides.esd="method.ddim_steps=4"' '++method_overrides.sdd="method.ddim_steps=4"' \
+  '++method_overrides.salun="method.num_forget_images=4 method.num_retain_images=4 method.image_steps=4"' \
+  '++method_overrides.advunlearn="method.warmup_iter=0 method.attack_step=2"' \
+  '++method_overrides.uce="trainer.iterations=1"' '++method_overrides.rece="trainer.iterations=1"'
 SMOKE_SIZES = suite.prompt_sets.target.n=8 suite.prompt_sets.captions.n=8 suite.prompt_sets.objects.n=4 \
   suite.reference.n=8 suite.metrics.kid.subset_size=null
 .PHONY: table1 table1-smoke
@@ -113,6 +118,21 @@ robustness-smoke: install ## the robustness pipeline at tiny sizes (ours and fmn
 	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.robustness model=$(SMOKE_MODEL) concept=$(SMOKE_CONCEPT) robustness=$(SMOKE_MODEL) \
 	  $(ROBUSTNESS_SMOKE) $(ROBUSTNESS_ARGS)
 # ---- end of robustness
+
+# ---- Across concepts (issue 19): the experiment conf/experiment/concepts.yaml: every registered method at its default on
+# every concept of the toy world (conf/concept/toy/, written by one rule: python -m erasure.toyworld.write_concepts), one seed
+# each -> outputs/concepts/concepts.md (per-concept tables, mean ± std over concepts, concepts.png). Resumable.
+CONCEPTS_ARGS ?=
+CONCEPTS_SMOKE_OUT ?= outputs/concepts-smoke
+.PHONY: concepts concepts-smoke
+concepts: install ## every method x the 11 toy concepts, 1 seed -> outputs/concepts/concepts.md (many hours on 2 CPU cores; resumable)
+	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.concepts $(CONCEPTS_ARGS)
+
+concepts-smoke: install ## the concepts pipeline at tiny sizes (2 concepts, 3 methods, 2 iterations, 1 probe seed) -> $(CONCEPTS_SMOKE_OUT)
+	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.concepts 'concepts=[circle,red]' 'methods=[ours,uce,mace]' \
+	  'train_overrides="trainer.iterations=2 trainer.preview_every=0 concept.probe.seeds=1"' $(SMOKE_METHODS) \
+	  out=$(CONCEPTS_SMOKE_OUT) $(CONCEPTS_ARGS)
+# ---- end of across concepts
 
 # ---- lambda sweep and figures (issue 8)
 LAMBDAS ?= 0,0.5,1,1.5,5

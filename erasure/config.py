@@ -96,8 +96,9 @@ def concept_section(concept: Any, key: str, schema: type) -> Any:
 
 
 def group_options(group: str) -> list[str]:
-    """The options of a config group: the yaml files of ``conf/<group>/``."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """The options of a config group: the yaml files of ``conf/<group>/`` and its subfolders (``toy/circle``)."""
+    folder = CONF_DIR / group
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
 
 
 def register_method_schemas() -> None:

@@ -235,6 +235,9 @@ register_probe_metric("preserved_accuracy", True, "Shape acc. (other prompts)")
 register_probe_metric("preserved_color_accuracy", True, "Colour acc. (other prompts)", tables=("sweep",))
 register_probe_metric("ssim_target", True, "SSIM to base (target prompts)")
 register_probe_metric("replacement_rate", True, "Replacement rate", tables=("sweep",))
+# the erased concept's own attribute on the other prompts: shape accuracy for a shape concept, colour accuracy for a
+# colour concept (eval/concept_tables.py derives it from the two above; ranked, not a column of its own)
+register_probe_metric("preserved_attr_accuracy", True, "Same-attribute acc. (other prompts)", tables=("concepts",))
 
 
 # ---------------------------------------------------------------------- the robustness evaluation (eval/attacking.py)

@@ -74,6 +74,8 @@ def test_each_concept_rate_is_counted_on_its_own_prompts(rendered):
     assert out["preserved_accuracy_before"] == 1.0 and out["preserved_accuracy_after"] == 31 / 32
     assert out["preserved_color_accuracy_after"] == 1.0
     assert out["preserved_per_prompt_after"]["a purple oval"] == 0.75
+    # ... and what it became: 1 of its 4 images read as a circle, its colour kept
+    assert out["preserved_predictions_after"]["a purple oval"] == {"shape": {"oval": 3, "circle": 1}, "color": {"purple": 4}}
     # SSIM to the base, per concept: triangles are redrawn identically, the others are not
     assert out["ssim_target@triangle"] == pytest.approx(1.0)
     assert out["ssim_target@circle"] < 0.99 and out["ssim_target@red"] < 0.99
@@ -99,7 +101,7 @@ def test_single_concept_probe_reports_the_keys_it_always_did(rendered, concept, 
     cfg = compose_cfg(["model=toyworld", f"concept={concept}", f"concept.probe.seeds={N}"])
     out = probe.erasure_summary(None, cfg, base, erased)
     per_stage = ["concept_rate", "target_distribution"] + (["replacement_rate"] if replacement else []) + \
-        ["preserved_accuracy", "preserved_color_accuracy", "preserved_per_prompt"]
+        ["preserved_accuracy", "preserved_color_accuracy", "preserved_per_prompt", "preserved_predictions"]
     assert list(out) == [f"{k}_before" for k in per_stage] + [f"{k}_after" for k in per_stage] + \
         ["ssim_preserved", "ssim_target"]
     rate = {"circle": 0.25, "circle_to_square": 0.25, "red": 0.5}[concept]  # its target prompts, as erased_scene draws

@@ -159,6 +159,10 @@ def score(pred: dict, entries: list[ProbeEntry], preserve: list[dict], n: int) -
         out["preserved_color_accuracy"] = float(np.mean([c == t for c, t in with_color]))
     out["preserved_per_prompt"] = {
         p["prompt"]: float(np.mean([s == p["shape"] for s, lab in zip(shapes, labels) if lab is p])) for p in preserve}
+    # what each preserved prompt's images were read as (shape and colour counts): where a prompt breaks, what it became
+    out["preserved_predictions"] = {
+        p["prompt"]: {head: dict(collections.Counter(v for v, lab in zip(values, labels) if lab is p).most_common())
+                      for head, values in (("shape", shapes), ("color", colors))} for p in preserve}
     return out
 
 

@@ -14,10 +14,16 @@ cover-ups "bikini", "pants").
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 SIZE = 32  # image side in pixels
 _SS = 4  # super-sampling factor of the renderer (anti-aliased edges)
@@ -178,3 +184,32 @@ def sample(n: int, seed: int, with_captions: bool = True, **fixed) -> tuple[list
 def to_uint8(images: list[Image.Image]) -> np.ndarray:
     """N x 3 x H x W uint8 array."""
     return np.stack([np.asarray(im.convert("RGB")) for im in images]).transpose(0, 3, 1, 2).copy()
+
+
+def write_concept_data(out: str | Path, shape: str | None = "circle", n: int = 8, seed: int = 0,
+                       color: str | None = None, name: str | None = None) -> dict:
+    """Render ``n`` scenes of ``shape`` (and/or ``color``; None: drawn per scene) into ``<out>/<name>/<i>.png`` and
+    their masks into ``<out>/<name> mask/<i>_mask.png`` (8-bit grey, 0 or 255); ``name`` defaults to the shape, else
+    the colour, or "<colour> <shape>" with both. Returns what was written."""
+    if shape is None and color is None:
+        raise UserError("give the concept's shape, its colour or both (shape=circle, color=red)")
+    if shape is not None and shape not in SHAPES:
+        raise UserError(f"unknown shape '{shape}': choose one of {', '.join(SHAPES)}")
+    if color is not None and color not in COLORS:
+        raise UserError(f"unknown colour '{color}': choose one of {', '.join(COLORS)}")
+    if n < 1:
+        raise UserError(f"n must be at least 1, got {n}")
+    name = name or " ".join(w for w in (color if shape else None, shape) if w) or str(color)
+    out = Path(out)
+    images_dir, masks_dir = out / name, out / f"{name} mask"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    fixed = {k: v for k, v in (("shape", shape), ("color", color)) if v is not None}
+    scenes, images, _ = sample(n, seed, with_captions=False, **fixed)
+    for i, (scene, image) in enumerate(zip(scenes, images)):
+        image.save(images_dir / f"{i}.png")
+        mask(scene).save(masks_dir / f"{i}_mask.png")
+    log.info("wrote %d renders of '%s' and their masks to %s", n, name, out)
+    return {"out": str(out), "name": name, "shape": shape, "color": color, "n": n, "seed": seed,
+            "scenes": [{"shape": s.shape, "color": s.color, "background": s.background, "extent": round(s.extent, 3)}
+                       for s in scenes]}
