@@ -19,8 +19,29 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+class Terminated(BaseException):
+    """SIGTERM turned into an exception (:func:`terminate_raises`), so that ``finally`` blocks run: an experiment stops
+    its training children before it exits."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 -- the signal module's handler signature
+    raise Terminated()
+
+
+def terminate_raises():
+    """Install a SIGTERM handler that raises :class:`Terminated` (main thread only); returns the previous handler (or
+    None where none was installed), for ``signal.signal(signal.SIGTERM, previous)``."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def exit_on_user_error(fn):
-    """Decorator: turn a :class:`UserError` raised by ``fn`` into one stderr line and exit 2."""
+    """Decorator: turn a :class:`UserError` raised by ``fn`` into one stderr line and exit 2; Ctrl-C (exit 130) and a
+    SIGTERM turned into :class:`Terminated` (exit 143) end in one line too, not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -28,5 +49,13 @@ def exit_on_user_error(fn):
             return fn(*args, **kwargs)
         except UserError as exc:
             fail(str(exc))
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C): what was written is complete; rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        except Terminated:
+            print("terminated (SIGTERM): what was written is complete; rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(143) from None
 
     return wrapper

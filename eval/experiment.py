@@ -20,6 +20,7 @@ import logging
 import logging.handlers
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from erasure.errors import UserError
+from erasure.errors import UserError, terminate_raises
 from erasure.io import write_text_atomic
 
 from . import plots, render, tables
@@ -101,14 +102,55 @@ def needs_training(job: TrainJob, reuse: bool) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """In a training child before exec (Linux): SIGTERM it when the experiment process dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the experiment's own handler still stops its children
+        pass
+
+
+def stop_children(running: dict) -> None:
+    """SIGTERM every running training child, wait for it (a killed training resumes from its last checkpoint), and
+    say which runs were stopped."""
+    for proc, *_ in running.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for name, (proc, logf, *_) in running.items():
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        logf.close()
+    if running:
+        log.warning("stopped %d training(s): %s; rerun the same command to resume them", len(running),
+                    ", ".join(running))
+
+
 def run_training(jobs: list[TrainJob], n_jobs: int, reuse: bool) -> tuple[dict, dict]:
     """Train the jobs that have no finished run, ``n_jobs`` subprocesses at a time, longest first (so parallel jobs
     end close together). Returns ({name: seconds}, {name: error}); each job's output goes to <run>/train_stdout.log.
+    The children belong to this process: Ctrl-C or SIGTERM stops them before it exits, and they die with it.
     """
     todo = [j for j in jobs if needs_training(j, reuse)]
     if n_jobs > 1:
         todo.sort(key=lambda j: -int(j.config.trainer.iterations))
     running: dict[str, tuple] = {}
+    previous = terminate_raises()
+    try:
+        return _train_all(todo, running, n_jobs)
+    except BaseException:
+        stop_children(running)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train_all(todo: list[TrainJob], running: dict, n_jobs: int) -> tuple[dict, dict]:
     timings, failed = {}, {}
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     total = len(todo)
@@ -118,7 +160,8 @@ def run_training(jobs: list[TrainJob], n_jobs: int, reuse: bool) -> tuple[dict, 
             job.run_dir.mkdir(parents=True, exist_ok=True)
             log.info("training %s (%d/%d): %s", job.name, total - len(todo), total, " ".join(job.command[1:]))
             logf = open(job.run_dir / "train_stdout.log", "w")
-            running[job.name] = (subprocess.Popen(job.command, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT),
+            running[job.name] = (subprocess.Popen(job.command, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                                  preexec_fn=_die_with_parent if sys.platform == "linux" else None),
                                  logf, time.perf_counter(), job.run_dir)
         time.sleep(0.5)
         for name, (proc, logf, t0, run_dir) in list(running.items()):
