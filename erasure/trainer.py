@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -51,6 +52,26 @@ def resumed_config(run_dir: Path) -> tuple[DictConfig, Path]:
     return cfg, checkpoints[-1]
 
 
+RUN_MARKS = ("config.yaml", "delta.safetensors", "summary.json", "metrics.jsonl", "checkpoints")  # a run was here
+FOLDER_KEEP = {".hydra", ".lock", "train.log", "train_stdout.log"}  # this launch's own files (Hydra's, the lock, logs)
+
+
+def claim_folder(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds another run (its delta, config and checkpoints would mix with this one's, and its
+    eval.json would be read as this run's), unless ``overwrite``: then remove that run's files first."""
+    if not any((run_dir / mark).exists() for mark in RUN_MARKS):
+        return
+    previous = sorted(p.name for p in run_dir.iterdir() if p.name not in FOLDER_KEEP)
+    if not overwrite:
+        raise UserError(f"run folder '{run_dir}' already holds a run ({', '.join(previous[:5])}"
+                        f"{', ...' if len(previous) > 5 else ''}): continue it with resume={run_dir}, train into another "
+                        "folder (hydra.run.dir=<folder>), or replace it with overwrite=true")
+    log.warning("overwrite=true: removing the previous run's files from %s: %s", run_dir, ", ".join(previous))
+    for name in previous:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Run one erasure job; writes config.yaml, metrics.jsonl, delta.safetensors and summary.json (and what the
     callbacks write: samples/, timeline.png, probe.jsonl, checkpoints/).
@@ -64,6 +85,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     method_cls, method_cfg = validate(cfg)
     with folder_lock(run_dir, "run folder"):  # one training per folder at a time
+        if checkpoint is None:
+            claim_folder(run_dir, bool(cfg.get("overwrite")))
         return _train(cfg, run_dir, checkpoint, method_cls, method_cfg)
 
 

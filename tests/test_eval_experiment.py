@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 EVAL = ROOT / "eval"
 ENTRY_POINTS = {"eval.run", "eval.generate", "eval.report", "eval.table1", "eval.results", "eval.sweep", "eval.figures",
-                "eval.attack", "eval.robustness"}
+                "eval.attack", "eval.robustness", "eval.concepts"}
 TINY = ["model=tiny", "concept=nudity", "suite=tiny", "methods=[ours]",
         'train_overrides="trainer.iterations=2 trainer.preview_every=0"', '++method_overrides.ours="method.T=6"']
 
@@ -48,7 +48,7 @@ def test_both_experiments_build_their_commands_in_train_job(tmp_path, monkeypatc
     common = [sys.executable, "-m", "erasure.train", "method=ours", "model=tiny", "concept=nudity", "trainer.iterations=2",
               "trainer.preview_every=0", "method.T=6"]
     (job,) = _jobs(monkeypatch, "experiment/table1", [*TINY, f"out={tmp_path / 't'}"])
-    assert job.command == [*common, f"hydra.run.dir={tmp_path / 't' / 'runs' / 'ours'}"]
+    assert job.command == [*common, f"hydra.run.dir={tmp_path / 't' / 'runs' / 'ours'}", "overwrite=true"]
     assert job.config.trainer.iterations == 2 and job.config.method.T == 6  # the config erasure.train will compose
 
     jobs = _jobs(monkeypatch, "experiment/results", [*TINY, f"out={tmp_path / 'r'}", "seeds=[0,1]", "lambdas=[0,5]",
@@ -56,8 +56,9 @@ def test_both_experiments_build_their_commands_in_train_job(tmp_path, monkeypatc
     assert [j.name for j in jobs] == ["ours seed=0", "ours seed=1", "ours lambda=0 seed=0", "ours lambda=0 seed=1",
                                       "ours lambda=5 seed=0", "ours lambda=5 seed=1"]
     assert jobs[1].command == [*common, "trainer.seed=1", "trainer.probe_points=1", "trainer.probe_seeds=1",
-                               f"hydra.run.dir={tmp_path / 'r' / 'table1' / 'seed1' / 'runs' / 'ours'}"]
-    assert jobs[4].command == [*common, "lambda=5", "trainer.seed=0", f"hydra.run.dir={tmp_path / 'r' / 'lambda' / 'lambda5_seed0'}"]
+                               f"hydra.run.dir={tmp_path / 'r' / 'table1' / 'seed1' / 'runs' / 'ours'}", "overwrite=true"]
+    assert jobs[4].command == [*common, "lambda=5", "trainer.seed=0", f"hydra.run.dir={tmp_path / 'r' / 'lambda' / 'lambda5_seed0'}",
+                               "overwrite=true"]
 
 
 def test_a_variant_is_a_row_of_its_own(tmp_path, monkeypatch):

@@ -1,12 +1,15 @@
 """Kill a training run with SIGKILL at a random step, resume it, and get a bit-identical delta."""
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from erasure.checkpoint import list_checkpoints
 from tests.conftest import ROOT, run_cli
@@ -110,9 +113,13 @@ def test_a_second_training_into_a_busy_run_folder_is_refused_and_a_dead_owner_is
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert (run / ".lock").is_file() and not (run / "delta.safetensors").exists()
-    third = run_cli([*args, "trainer.iterations=1"])
+    # the killed run's config and metrics are still there: a plain training is refused (case 2), overwrite=true replaces it
+    refused = run_cli([*args, "trainer.iterations=1"])
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr, refused.stderr[-2000:]
+    assert f"left locked by process {first.pid}, which is no longer running: taking it over" in refused.stderr + refused.stdout
+    assert not (run / ".lock").exists() and (run / "metrics.jsonl").is_file()
+    third = run_cli([*args, "trainer.iterations=1", "overwrite=true"])
     assert third.returncode == 0, third.stderr[-2000:]
-    assert f"left locked by process {first.pid}, which is no longer running: taking it over" in third.stderr + third.stdout
     assert (run / "delta.safetensors").is_file() and not (run / ".lock").exists()
 
 
@@ -156,3 +163,41 @@ def test_a_run_folder_from_before_lambda_was_ours_alone_still_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "never read; resuming without it" in r.stdout + r.stderr
     assert (run / "delta.safetensors").read_bytes() == finished
+
+
+def test_training_into_a_folder_that_holds_a_run_is_refused_unless_overwrite(tmp_path):
+    """Issue 20, data-loss case 2: a second training into a finished run's folder replaced its delta, config and
+    metrics and kept its checkpoints and eval.json. Now it is refused in one line and the folder is untouched;
+    overwrite=true removes the previous run's files (evaluation and checkpoints included) before training."""
+    run = tmp_path / "run"
+    args = ["-m", "erasure.train", "model=tiny", "concept=nudity", "trainer.preview_every=0", "method.T=4",
+            "trainer.iterations=2", "trainer.checkpoint_every=1", f"hydra.run.dir={run}"]
+    assert run_cli(args).returncode == 0
+    (run / "eval.json").write_text('{"metrics": {"fid": 1.0}}\n')  # the first run's evaluation
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts
+              and p.name != "train.log"}
+    assert any(p.parts[0] == "checkpoints" for p in before)
+    second = run_cli([*args, "trainer.seed=1"])
+    lines = [line for line in second.stderr.strip().splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1 and "already holds a run" in lines[0], second.stderr
+    assert "overwrite=true" in lines[0] and f"resume={run}" in lines[0]
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts
+             and p.name != "train.log"}
+    assert after == before  # nothing replaced, nothing removed
+    third = run_cli([*args, "trainer.seed=1", "trainer.checkpoint_every=0", "overwrite=true"])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert not (run / "eval.json").exists() and not (run / "checkpoints").exists()
+    assert OmegaConf.load(run / "config.yaml").trainer.seed == 1
+    assert json.loads((run / "summary.json").read_text())["seed"] == 1
+    assert (run / "delta.safetensors").read_bytes() != before[Path("delta.safetensors")]
+
+
+def test_experiments_replace_the_folders_they_decided_to_train(tmp_path):
+    """An experiment trains a folder only when it holds no finished run of the current base (or reuse=false): its
+    command says overwrite=true, so a killed earlier attempt's files never block or mix with the new run."""
+    from omegaconf import OmegaConf as OC
+
+    from eval.experiment import TrainJob
+
+    job = TrainJob("ours", tmp_path / "runs" / "ours", ["method=ours"], OC.create({}))
+    assert job.command[-2:] == [f"hydra.run.dir={tmp_path / 'runs' / 'ours'}", "overwrite=true"]
