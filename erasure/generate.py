@@ -33,18 +33,35 @@ def main(argv: list[str]) -> list[Path]:
     unknown = set(args) - {"run", "prompt", "seed", "n", "steps", "guidance", "out", "base", "device"}
     if unknown or "run" not in args or "prompt" not in args:
         raise UserError(f"{'unknown option ' + ', '.join(sorted(unknown)) + '; ' if unknown else ''}{USAGE}")
+    for key, low in (("n", 1), ("steps", 1)):
+        value = args.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise UserError(f"{key}= must be a whole number of at least {low}, got {value!r}; {USAGE}")
+    if not isinstance(args.get("seed", 0), int) or isinstance(args.get("seed", 0), bool) or args.get("seed", 0) < 0:
+        raise UserError(f"seed= must be a whole number of at least 0, got {args.get('seed')!r}; {USAGE}")
     cfg, models = load_run(args.run, args.get("device", "auto"), bool(args.get("base", False)))
     sampler = default_sampler(models, cfg.model, steps=args.get("steps"), guidance=args.get("guidance"), batch_size=1)
     out = Path(args.get("out") or Path(args.run) / "generated")
-    slug = re.sub(r"[^a-z0-9]+", "_", str(args.prompt).lower()).strip("_")[:60] or "empty"
+    prompt = str(args.prompt)
     seed0 = int(args.get("seed", 0))
     written = []
     seeds = [seed0 + k for k in range(int(args.get("n", 1)))]
-    images = generate(models, [str(args.prompt)] * len(seeds), sampler, seeds=seeds, desc="generating")
+    images = generate(models, [prompt] * len(seeds), sampler, seeds=seeds, desc="generating")
     for seed, image in zip(seeds, images):
-        written.append(save_png(Image.fromarray(image), out / f"{slug}_seed{seed}{'_base' if args.get('base') else ''}.png"))
+        name = f"{file_stem(prompt)}_seed{seed}{'_base' if args.get('base') else ''}.png"
+        written.append(save_png(Image.fromarray(image), out / name, text={"prompt": prompt, "seed": str(seed)}))
         log.info("wrote %s", written[-1])
     return written
+
+
+def file_stem(prompt: str) -> str:
+    """A readable slug of the prompt (ASCII, at most 60 characters) and 8 hex digits of its sha1: two different
+    prompts never share a file name (an emoji prompt and an empty one, prompts that differ in punctuation or after
+    character 60). The exact prompt is also kept inside the PNG (its ``prompt`` text chunk)."""
+    import hashlib
+
+    slug = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60].rstrip("_") or "prompt"
+    return f"{slug}_{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:8]}"
 
 
 if __name__ == "__main__":

@@ -8,9 +8,17 @@ from PIL import Image, ImageDraw
 from .io import atomic_write
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG atomically (temporary name, then rename): a kill never leaves a truncated file."""
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+def save_png(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """Write a PNG atomically (temporary name, then rename): a kill never leaves a truncated file. ``text``: tEXt/iTXt
+    chunks (e.g. the exact prompt), read back with ``Image.open(path).text``."""
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, str(value))  # iTXt: UTF-8, so any prompt survives
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, col_labels: list[str] | None = None,

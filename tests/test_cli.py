@@ -1,8 +1,10 @@
 """The commands users type, run as users run them (subprocesses)."""
+import hashlib
 import json
 
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from tests.conftest import run_cli
 
@@ -19,7 +21,23 @@ def test_train_end_to_end_on_tiny(tmp_path):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     g = run_cli(["-m", "erasure.generate", f"run={run}", "prompt=a photo of a cat", "seed=3", "n=2"])
     assert g.returncode == 0, g.stderr[-2000:]
-    assert sorted(p.name for p in (run / "generated").iterdir()) == ["a_photo_of_a_cat_seed3.png", "a_photo_of_a_cat_seed4.png"]
+    stem = "a_photo_of_a_cat_" + hashlib.sha1(b"a photo of a cat").hexdigest()[:8]
+    assert sorted(p.name for p in (run / "generated").iterdir()) == [f"{stem}_seed3.png", f"{stem}_seed4.png"]
+    assert Image.open(run / "generated" / f"{stem}_seed4.png").text == {"prompt": "a photo of a cat", "seed": "4"}
+    # issue 20, case 6: prompts the old slug merged (emoji and empty -> "empty"; punctuation; past character 60) now
+    # write different files, each carrying its exact prompt
+    prompts = ["🐱", "", "a cat!", "a cat?", "A cat!", "x" * 60 + " one", "x" * 60 + " two"]
+    names = []
+    for prompt in prompts:
+        g = run_cli(["-m", "erasure.generate", f"run={run}", f"prompt='{prompt}'", "out=" + str(tmp_path / "g")])
+        assert g.returncode == 0, g.stderr[-2000:]
+        names.append(sorted(p.name for p in (tmp_path / "g").iterdir() if p.name not in names)[0])
+    assert len(set(names)) == len(prompts)
+    assert [Image.open(tmp_path / "g" / n).text["prompt"] for n in names] == prompts
+    for bad, words in (("n=-3", "n= must be a whole number of at least 1"), ("steps=0", "steps= must be"),
+                       ("seed=1e40", "seed= must be a whole number")):
+        g = run_cli(["-m", "erasure.generate", f"run={run}", "prompt=a cat", bad])
+        assert g.returncode == 2 and words in g.stderr and "Traceback" not in g.stderr, g.stderr[-2000:]
 
 
 def test_multirun_lambda_sweep_leaves_one_folder_per_job(tmp_path):
