@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from .config import compose, group_options, validate
 from .errors import UserError
@@ -102,3 +106,36 @@ def precheck_train_args(argv: list[str], max_jobs: int = 64) -> None:
             raise UserError(f"{first}: check the spelling of the key or value (`python -m erasure.train --cfg job` prints the config)") from None
         if not cfg.get("resume"):
             validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- sweeps (-m)
+FAILED_JOB = "failed_job.json"  # in a failed sweep job's folder: its number, overrides and error
+
+
+def record_failed_job(hc, message: str) -> None:
+    """A sweep job's failure, written into its folder (any launcher: joblib runs jobs in other processes) for
+    :class:`FailedJobs`; the job then returns, so that the sweep's other jobs still run."""
+    import json
+
+    from .io import write_text_atomic
+
+    overrides = " ".join(hc.overrides.task) or "(no overrides)"
+    logging.getLogger("erasure.train").error("job #%s (%s) failed: %s", hc.job.num, overrides, message)
+    write_text_atomic(Path(hc.runtime.output_dir) / FAILED_JOB,
+                      json.dumps({"job": hc.job.num, "overrides": overrides, "error": message}) + "\n")
+
+
+class FailedJobs(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/train.yaml): at the end of a sweep, name every failed job with its
+    overrides and error, and exit 1 (the other jobs ran to the end)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import json
+
+        failed = [json.loads(p.read_text()) for p in sorted(Path(str(config.hydra.sweep.dir)).glob(f"*/{FAILED_JOB}"))]
+        if not failed:
+            return
+        failed.sort(key=lambda f: int(f["job"]))
+        print(f"error: {len(failed)} sweep job(s) failed (the others finished): "
+              + "; ".join(f"#{f['job']} ({f['overrides']}): {f['error']}" for f in failed), file=sys.stderr, flush=True)
+        raise SystemExit(1)

@@ -53,6 +53,22 @@ def test_multirun_lambda_sweep_leaves_one_folder_per_job(tmp_path):
         assert final["loss"] == pytest.approx(final["concept"] + OmegaConf.load(p / "config.yaml").method.lam * final["penalty"], rel=1e-5)
 
 
+def test_a_failing_sweep_job_does_not_stop_the_others_and_is_named_at_the_end(tmp_path):
+    """Issue 20, case 5: one job failing at run time (here its learning rate drives the loss to NaN at step 2) used to
+    stop the sweep without naming it; now every other job runs to the end, the failed one is named with its overrides
+    and error, and the command exits 1."""
+    r = run_cli(["-m", "erasure.train", "-m", *FAST, "trainer.iterations=4", "method.lr=1e-5,1e30,1e-4",
+                 f"hydra.sweep.dir={tmp_path}"])
+    assert r.returncode == 1, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 sweep job(s) failed (the others finished): #1 (")
+    assert "method.lr=1e+30" in last and "became nan at step 2" in last
+    done = sorted(p.name.split("_")[0] for p in tmp_path.iterdir() if (p / "delta.safetensors").is_file())
+    assert done == ["0", "2"]  # the job after the failed one ran too
+    (failed,) = tmp_path.glob("1_*/failed_job.json")
+    assert json.loads(failed.read_text())["job"] == 1
+
+
 @pytest.mark.parametrize("override, words", [
     ("method=nosuch", "unknown method 'nosuch'"),
     ("params=nosuch", "unknown parameter subset 'nosuch'"),
