@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Hypothesis draws the same examples on every CI run (a red CI is reproducible; locally it explores new ones)
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -51,6 +56,34 @@ def tiny_models(tiny_cfg):
 def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**(os.environ if env is None else env), "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def killed_at(module: str, args: list[str], target: str, call: int) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <args>`` in a subprocess that SIGKILLs itself when ``target`` (``"pkg.mod:Class.method"``
+    or ``"pkg.mod:function"``) is called for the ``call``-th time, before that call runs: a kill at a known point of
+    the work, with no poll-and-kill race (the process can neither finish first nor be killed before the point)."""
+    mod, attr = target.split(":")
+    code = f"""
+import importlib, os, runpy, signal, sys
+owner = importlib.import_module({mod!r})
+path = {attr!r}.split(".")
+for name in path[:-1]:
+    owner = getattr(owner, name)
+original = getattr(owner, path[-1])
+calls = [0]
+def wrapper(*a, **k):
+    calls[0] += 1
+    if calls[0] == {call}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*a, **k)
+setattr(owner, path[-1], wrapper)
+sys.argv = [{module!r}, *{list(args)!r}]
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+"""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == -9, f"the run was not killed at call {call} of {target}: {proc.stderr[-2000:]}"
+    return proc
 
 
 def build_method(overrides: list[str], generator_seed: int = 0):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from PIL import Image
 
 from eval.cache import image_name
 from eval.prompts import load_prompt_set
-from tests.conftest import PROMPT_DATA, ROOT, compose_cfg
+from tests.conftest import PROMPT_DATA, ROOT, compose_cfg, killed_at
 
 
 def make_run(root: Path, name: str, shift: float) -> Path:
@@ -93,14 +91,10 @@ def test_resume_after_kill(runs, tmp_path):
     args = [sys.executable, "-m", "eval.generate", f"run={runs[0]}", "set=objects", "base=true", f"cache_dir={cache}",
             "device=cpu", f"suite.prompt_sets.objects.n={n}", "suite.sampler.batch_size=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(generated(cache)) < 2 and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # SIGKILL as the 4th PNG is about to be written: 3 complete images, the rest not generated
+    killed_at("eval.generate", args[2:], "eval.cache:save_png", 4)
     before = [p.name for p in generated(cache)]
-    assert 2 <= len(before) < n, "the generation must be killed mid-way"
+    assert len(before) == 3, "the generation must be killed mid-way"
     for p in generated(cache):
         Image.open(p).load()  # complete PNGs only (atomic writes)
 

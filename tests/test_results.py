@@ -10,10 +10,6 @@ from PIL import Image
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not (ROOT / "erasure/toyworld/model/model_index.json").is_file(),
-                                reason="toy-world model not built: run `make toyworld`")
-
-
 def _make_smoke(out):
     env = {**os.environ, "RESULTS_SMOKE_OUT": str(out)}
     proc = subprocess.run(["make", "-s", "results-smoke", f"RESULTS_SMOKE_OUT={out}"], cwd=ROOT, env=env,

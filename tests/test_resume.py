@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from erasure.checkpoint import list_checkpoints
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, killed_at, run_cli
 
 COMMON = ["model=tiny", "concept=nudity", "trainer.iterations=8", "trainer.checkpoint_every=2",
           "trainer.keep_checkpoints=2", "trainer.preview_every=0", "method.lr=1e-3"]
@@ -24,18 +24,10 @@ def _kill_resume_compare(tmp_path, extra):
     assert r.returncode == 0, r.stderr[-2000:]
 
     kill_after = random.Random(os.getpid()).randint(3, 6)  # a random step, after at least one checkpoint
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "erasure.train", *COMMON, *extra, f"hydra.run.dir={killed}"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after and list_checkpoints(killed):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # SIGKILL as step kill_after + 1 begins: steps 1..kill_after are done, a checkpoint of step 2 or 4 exists
+    killed_at("erasure.train", [*COMMON, *extra, f"hydra.run.dir={killed}"], "erasure.session:Session.step",
+              kill_after + 1)
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == kill_after
     assert not (killed / "delta.safetensors").exists()
     assert 1 <= len(list_checkpoints(killed)) <= 2  # pruned to keep_checkpoints
 
