@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import registry
+from . import schema
 from .errors import UserError
 from .models import DTYPES
 
@@ -165,6 +166,8 @@ def validate(cfg: DictConfig):
     method_cls = registry.get_method(str(cfg.method.name))
     apply_shortcuts(cfg, method_cls)
     method_cfg = method_cls.parse_config(cfg.method)
+    for group, typed in (("trainer", tr), ("model", model), ("method", method_cfg)):
+        schema.check(typed, group)  # every numeric key within its range (erasure/schema.py)
     method_cls.validate_concept(cfg.concept)
     if tr.iterations < 1:
         raise UserError(f"trainer.iterations must be at least 1, got {tr.iterations}")
