@@ -14,8 +14,6 @@ from baselines.esd import esd_loss
 from baselines.fmn import concept_positions, resteering_loss
 from baselines.sdd import ema_update, sdd_loss
 from erasure.delta import read_delta
-from erasure.models import load_models
-from erasure.params import select_params
 from erasure.trainer import train
 from tests.conftest import build_method, compose_cfg
 
@@ -93,11 +91,50 @@ def test_fmn_positions_and_loss_by_hand():
     assert pos.tolist() == [False] * 4 + [True, True] + [False] * 3
     pooled = concept_positions(ids, [5, 6], eot_id=49407, use_pooler=True)
     assert pooled.tolist() == [False] * 4 + [True] * 5  # every <|endoftext|>, padding included
-    # two layers, batch 1 x 2 heads, keys 3, concept at key 1
-    a = torch.tensor([[[0.2, 0.6, 0.2]], [[0.5, 0.3, 0.2]]])  # 1 query
-    b = torch.tensor([[[0.0, 1.0, 0.0], [0.9, 0.0, 0.1]], [[0.4, 0.4, 0.2], [0.1, 0.2, 0.7]]])  # 2 queries
-    loss = resteering_loss([a, b], torch.tensor([[False, True, False]]))
-    assert loss.item() == pytest.approx(math.sqrt(0.36 + 0.09 + 1.0 + 0.0 + 0.16 + 0.04))
+    # two layers, batch 2 x 2 heads (rows batch-major: b0h0, b0h1, b1h0, b1h1), keys 3; prompt 0 has its concept at
+    # key 1, prompt 1 at keys 0 and 2, so a head-major layout (repeat instead of repeat_interleave) picks other keys
+    a = torch.tensor([[[0.2, 0.6, 0.2]], [[0.5, 0.3, 0.2]],  # 1 query
+                      [[0.1, 0.1, 0.8]], [[0.3, 0.3, 0.4]]])
+    b = torch.tensor([[[0.0, 1.0, 0.0], [0.9, 0.0, 0.1]], [[0.4, 0.4, 0.2], [0.1, 0.2, 0.7]],  # 2 queries
+                      [[0.5, 0.5, 0.0], [0.25, 0.25, 0.5]], [[0.6, 0.1, 0.3], [0.2, 0.7, 0.1]]])
+    positions = torch.tensor([[False, True, False], [True, False, True]])
+    picked = [0.6, 0.3, 0.1, 0.8, 0.3, 0.4,  # layer a: b0 key 1 (2 heads), b1 keys 0 and 2 (2 heads)
+              1.0, 0.0, 0.4, 0.2, 0.5, 0.0, 0.25, 0.5, 0.6, 0.3, 0.2, 0.1]  # layer b, 2 queries each
+    expected = math.sqrt(sum(v * v for v in picked))  # 3.6125
+    assert resteering_loss([a, b], positions).item() == pytest.approx(expected)
+    assert expected == pytest.approx(math.sqrt(3.6125))
+    # the head-major reading would give another number
+    assert resteering_loss([a[[0, 2, 1, 3]], b[[0, 2, 1, 3]]], positions).item() != pytest.approx(expected)
+
+
+def test_fmn_loss_on_a_real_attention_layer_is_the_sum_over_its_prompts():
+    """Second route to the (batch, heads) layout: a diffusers Attention with 2 heads run through the capture
+    processor on two prompts at once; the squared loss of the pair is the sum of each prompt's alone."""
+    from diffusers.models.attention_processor import Attention
+
+    from baselines.fmn import AttentionRecorder, CapturingAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    recorder = AttentionRecorder()
+    attn.set_processor(CapturingAttnProcessor(recorder))
+    x, context = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
+    positions = torch.tensor([[False, True, False, False], [False, False, True, True]])
+
+    def loss(rows):
+        recorder.probs, recorder.active = [], True
+        with torch.no_grad():
+            attn(x[rows], encoder_hidden_states=context[rows])
+        assert recorder.probs[0].shape == (2 * len(rows), 5, 4)
+        return resteering_loss(recorder.probs, positions[rows]).item()
+
+    assert loss([0, 1]) ** 2 == pytest.approx(loss([0]) ** 2 + loss([1]) ** 2, rel=1e-5)
+    # and each prompt alone by hand: softmax(q k^T / sqrt(d)) per head, its concept keys
+    for i in range(2):
+        q = attn.to_q(x[i]).view(5, 2, 4).transpose(0, 1)
+        k = attn.to_k(context[i]).view(4, 2, 4).transpose(0, 1)
+        probs = torch.softmax(q @ k.transpose(1, 2) / 2.0, dim=-1)
+        assert loss([i]) == pytest.approx(probs[:, :, positions[i]].pow(2).sum().sqrt().item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- subsets, teachers, terms on the tiny model
@@ -227,25 +264,50 @@ def test_fmn_capture_is_exact_restores_the_processors_and_lowers_the_concept_att
 # ---------------------------------------------------------------- end to end through the shared trainer
 
 DEFAULT_PARAMS = {"esd": "noxattn", "sdd": "xattn", "ablating": "attn_qkv", "fmn": "full"}
+# each method's AdamW as its source sets it (lr, weight decay, max grad norm; eps 1e-8 and betas (0.9, 0.999) for all):
+# train-esd.py's Adam; train_sdd.py; diffusers/train.py with scale_lr (4e-6 x batch 2 x 2 for prior preservation);
+# configs/attn.yaml
+SOURCE_OPTIMIZER = {"esd": (1e-5, 0.0, None), "sdd": (1e-5, 1e-4, 1.0), "ablating": (4e-6 * 2 * 2, 1e-2, 1.0),
+                    "fmn": (2e-6, 0.01, 1.0)}
 
 
 @pytest.mark.parametrize("method", ["esd", "sdd", "ablating", "fmn"])
 def test_two_iterations_end_to_end(method, tmp_path):
-    cfg = compose_cfg(["model=tiny", "concept=nudity", f"method={method}", *SMALL[method], "trainer.iterations=2",
-                       "trainer.preview_every=0"])
+    """The trainer's run (seeded as build_method seeds) against a loop written here: the method's training_step, AdamW
+    with the source's settings, clipping, after_step. The delta holds the loop's trained tensors (SDD: the EMA of
+    the student, decay 0.5 here so that it moves visibly, in float64) and metrics.jsonl its losses."""
+    extra = ["method.ema_decay=0.5"] if method == "sdd" else []
+    overrides = ["model=tiny", "concept=nudity", f"method={method}", *SMALL[method], *extra]
+    cfg = compose_cfg([*overrides, "trainer.iterations=2", "trainer.preview_every=0"])
     run = train(cfg, tmp_path / method)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == method and summary["iterations"] == 2
     assert summary["params"] == DEFAULT_PARAMS[method]  # the method yaml's default parameter subset
-    assert summary["train_time_s"] > 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert summary["setup_time_s"] >= 0  # the method's own preparation (anchor/reference images), timed apart
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
     tensors, meta = read_delta(run)
-    models = load_models(cfg.model, "cpu")
-    assert set(tensors) == set(select_params(models.unet, cfg.params))
-    base = dict(models.unet.named_parameters())
-    moved = max((tensors[n] - base[n].detach()).abs().max().item() for n in tensors)
-    assert moved > 0
-    if method == "sdd":
-        # the delta is the EMA teacher: after 2 AdamW steps of ~lr = 1e-5 the student has moved ~1e-5 per
-        # weight, the EMA (decay 0.999) only ~1e-3 of that
-        assert moved < 1e-7
+
+    m, ctx, _ = build_method(overrides)
+    base = {n: p.detach().clone() for n, p in ctx.trainable.items()}
+    assert set(tensors) == set(base)
+    lr, weight_decay, clip = SOURCE_OPTIMIZER[method]
+    trained = list(ctx.trainable.values())
+    opt = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    ema = {n: v.double() for n, v in base.items()}
+    for step, row in zip((1, 2), rows):
+        opt.zero_grad()
+        loss = m.training_step(step)["loss"]
+        assert row["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        assert row["lr"] == pytest.approx(lr, rel=1e-12)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(trained, clip)
+        opt.step()
+        m.after_step(step)
+        ema = {n: 0.5 * v + 0.5 * ctx.trainable[n].detach().double() for n, v in ema.items()}
+    expected = ema if method == "sdd" else {n: p.detach().double() for n, p in ctx.trainable.items()}
+    atol = 1e-7 if method == "sdd" else 1e-9  # the run's EMA is float32 (rounding ~1e-8); the rest: same arithmetic
+    for n, value in tensors.items():
+        torch.testing.assert_close(value.double(), expected[n], rtol=0, atol=atol)
+    assert max((tensors[n] - base[n]).abs().max().item() for n in tensors) > 1e-6  # the tolerance is far below a step
