@@ -22,7 +22,7 @@ from . import registry
 from .checkpoint import save_checkpoint
 from .generation import default_sampler, generate
 from .images import grid, save_png
-from .io import write_text_atomic
+from .io import to_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class ProbeCurve(Callback):
             point = self.probe.point(params, self.seeds, base_params=run.session.teacher.params)
         where = {"step": step} if strength is None else {"step": step, "edit_strength": strength}
         with open(self.path, "a") as f:
-            f.write(json.dumps({**where, **point}) + "\n")
+            f.write(to_json({**where, **point}) + "\n")
         if strength is None or strength == 1:  # one logged point per step
             run.logger.log({f"probe/{k}": v for k, v in point.items()}, step)
         log.info("probe at iteration %d%s: %s", step, "" if strength is None else f", edit strength {strength:g}",

@@ -66,6 +66,29 @@ def atomic_folder(path: str | Path, write, *, keep_existing: bool = False) -> Pa
     return path
 
 
+def strict(value):
+    """A copy that strict JSON accepts: NaN and infinities become None (null), tuples lists, numpy scalars numbers."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """``json.dumps`` of :func:`strict`'s copy with ``allow_nan=False``: every JSON file the project writes is strict
+    JSON (no ``NaN`` / ``Infinity``, which other JSON readers refuse); a missing or non-finite number is ``null``."""
+    import json
+
+    return json.dumps(strict(value), allow_nan=False, **kwargs)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

@@ -10,7 +10,6 @@ progress bar, writes ``metrics.jsonl`` and the logger's records, and saves ``del
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -26,7 +25,7 @@ from . import registry
 from .config import SHORTCUTS, validate
 from .delta import save_delta
 from .errors import UserError
-from .io import folder_lock, write_text_atomic
+from .io import folder_lock, to_json, write_text_atomic
 from .loggers import make_logger
 from .models import load_models
 from .params import count
@@ -122,7 +121,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
             terms = session.step(step)
             record = {"step": step, **{k: v.item() for k, v in terms.items()},
                       **({"lr": session.optimizer.param_groups[0]["lr"]} if session.optimizer is not None else {})}
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(to_json(record) + "\n")
             metrics_file.flush()
             logger.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss",) if k in record})
@@ -144,7 +143,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
                "final": {k: v for k, v in record.items() if k != "step"}}
     for cb in callbacks:
         cb.on_end(run, summary)
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "summary.json", to_json(summary, indent=2) + "\n")
     logger.summary({**{k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                     **{f"final/{k}": v for k, v in summary["final"].items()}})
     logger.finish()

@@ -35,7 +35,7 @@ from PIL import Image
 
 from erasure.errors import UserError
 from erasure.images import save_png
-from erasure.io import write_text_atomic
+from erasure.io import to_json, write_text_atomic
 
 from .attacks import get_attack
 from .cache import make_sampler, model_key, open_rgb, sha256_file
@@ -239,7 +239,7 @@ def attack_system(target: Target, threat: DictConfig, attack: str, folder: str |
                 if res.embedding is not None:
                     rec["embedding"] = np.asarray(res.embedding, dtype=np.float32).ravel().tolist()
                 done[i] = rec
-                lines.append(json.dumps(rec, default=float))
+                lines.append(to_json(rec, default=float))
             with open(progress, "a", encoding="utf-8") as f:  # whole lines, flushed: a kill loses this chunk at most
                 f.write("\n".join(lines) + "\n")
                 f.flush()
@@ -264,7 +264,7 @@ def attack_system(target: Target, threat: DictConfig, attack: str, folder: str |
                   unet_evals=float(sum(r["unet_evals"] for r in recs)) / n,
                   text_evals=float(sum(r["text_evals"] for r in recs)) / n),
         wall_s=round(time.perf_counter() - start, 1))
-    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(summary_path, to_json(summary, indent=2) + "\n")
     log.info("%s / %s: success rate %s (%d prompts, %.1f s per prompt) -> %s", target.label, attack,
              ", ".join(f"{c or 'flagged'} {v:.3f}" for c, v in summary["asr"].items()), n, summary["cost"]["seconds"],
              folder)
@@ -447,12 +447,12 @@ def experiment(cfg: DictConfig, command: str) -> dict:
     if thresholds:
         render.write(thresholds, report, "robustness_thresholds")
     data = dict(rows=rows, attacks=attacks, seeds=seeds, methods=methods, primary=primary, n=n)
-    write_text_atomic(report / "robustness.json", json.dumps(data, indent=2) + "\n")
+    write_text_atomic(report / "robustness.json", to_json(data, indent=2) + "\n")
     png = plots.robustness(rows, attacks, report / "robustness.png", f"Post-attack success vs preservation ({concept})")
     timings["total_s"] = round(time.perf_counter() - start, 1)
     meta = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
                 torch_threads=threads, jobs=int(cfg.jobs or 1), failed=failed, train_times=train_times, timings=timings)
-    write_text_atomic(report / "robustness_meta.json", json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(report / "robustness_meta.json", to_json(meta, indent=2) + "\n")
     md = [f"# Robustness: {concept}", "",
           f"Made by `{command}` on {meta['date']} ({meta['machine']}); {timings['total_s']:.0f} s this time (training "
           f"{timings['training_s']:.0f} s, attacks {timings['attacks_s']:.0f} s; reused runs and attacks cost nothing).",

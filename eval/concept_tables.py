@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from erasure.io import write_text_atomic
+from erasure.io import to_json, write_text_atomic
 
 from . import render
 from .metrics import heading, resolve
@@ -338,17 +338,6 @@ def figure(data: dict, path: str | Path, title: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def _strict(v):
-    """A copy that strict JSON accepts: NaN and infinities become None, tuples lists."""
-    if isinstance(v, dict):
-        return {str(k): _strict(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_strict(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -364,7 +353,7 @@ def report(data: dict, out_dir: str | Path, title: str, threshold: float = 0.8) 
     for key, table in zip(METRICS, per):
         write_text_atomic(out / f"concepts_{key}.md", _markdown(table))
         render.write(table, out, f"concepts_{key}", ("csv", "tex"))
-    write_text_atomic(out / "concepts.json", json.dumps(_strict(data), indent=2, allow_nan=False) + "\n")
+    write_text_atomic(out / "concepts.json", to_json(data, indent=2) + "\n")
     png = figure(data, out / "concepts.png", title)
     kinds = Counter(data["kinds"].values())
     counts = (f"{_count(len(data['methods']), 'method')} on {_count(len(data['concepts']), 'concept')} "

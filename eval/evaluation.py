@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from erasure.errors import UserError
-from erasure.io import write_text_atomic
+from erasure.io import to_json, write_text_atomic
 
 from . import metrics as metric_registry
 from .cache import (cache_folder, generate, group_by_size, inception_features, launch_state, load_images, make_sampler,
@@ -206,6 +206,6 @@ def evaluate(cfg: DictConfig) -> Path:
             return target
     record = ev.evaluate()
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(target, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(target, to_json(record, indent=2) + "\n")
     log.info("wrote %s", target)
     return target

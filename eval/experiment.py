@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from erasure.errors import UserError, terminate_raises
-from erasure.io import write_text_atomic
+from erasure.io import to_json, write_text_atomic
 
 from . import plots, render, tables
 from .config import compose
@@ -328,7 +328,7 @@ def run(cfg: DictConfig, command: str) -> dict:
     meta = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"), failed=failed)
     for s, result in done.items():
         trained = {f"train/{j.run_dir.name}": train_times[j.name] for j in jobs[s] if j.name in train_times}
-        write_text_atomic(roots[s] / "table1_meta.json", json.dumps(dict(
+        write_text_atomic(roots[s] / "table1_meta.json", to_json(dict(
             meta, total_s=result["total_s"], methods=todo[s][1], timings={**trained, **result["timings"]}), indent=2) + "\n")
     if seeds is None:
         md = done[None]["markdown"]
@@ -350,7 +350,7 @@ def summarise_seeds(cfg: DictConfig, out: Path, per_seed: dict, lambda_jobs: lis
     table = tables.over_seeds_table(data, f"Toy Table 1 over {len(seeds)} seeds: model={cfg.model}, "
                                           f"concept={cfg.concept}, suite={cfg.suite.name}")
     render.write(table, out, "table1")
-    write_text_atomic(out / "table1.json", json.dumps(data, indent=2) + "\n")
+    write_text_atomic(out / "table1.json", to_json(data, indent=2) + "\n")
     sweep_md = None
     runs = tables.find_runs(out / "lambda") if lambda_jobs else []
     if runs:
@@ -363,11 +363,11 @@ def summarise_seeds(cfg: DictConfig, out: Path, per_seed: dict, lambda_jobs: lis
     rows = tables.frontier({s: out / "table1" / f"seed{s}" / "runs" for s in seeds}, meta["methods"])
     frontier = tables.frontier_table(rows)
     render.write(frontier, out, "frontier")
-    write_text_atomic(out / "frontier.json", json.dumps(rows, indent=2) + "\n")
+    write_text_atomic(out / "frontier.json", to_json(rows, indent=2) + "\n")
     png = plots.frontier(rows, out / "frontier.png", f"Erasure vs preservation along training ({cfg.model}, "
                          f"concept {cfg.concept}; {len(seeds)} seeds)")
     timings["total_s"] = round(time.perf_counter() - start, 1)
-    write_text_atomic(out / "results_meta.json", json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out / "results_meta.json", to_json(meta, indent=2) + "\n")
     md = [f"# Results: {cfg.model}, concept {cfg.concept}", "",
           f"Made by `{meta['command']}` on {meta['date']} ({meta['machine']}); {timings['total_s']:.0f} s this time "
           f"(training {timings['training_s']:.0f} s, evaluation {timings['evaluation_s']:.0f} s; reused runs cost nothing).",
@@ -396,7 +396,7 @@ def machine() -> str:
 
 def write_sweep(folder: Path, data: dict, x: str | None = None) -> tuple[str, Path | None]:
     """sweep.{json,md,csv,tex} and sweep.png into ``folder``; returns the markdown and the plot's path."""
-    write_text_atomic(folder / "sweep.json", json.dumps(data, indent=2, default=str) + "\n")
+    write_text_atomic(folder / "sweep.json", to_json(data, indent=2, default=str) + "\n")
     table = tables.sweep_table(data)
     render.write(table, folder, "sweep")
     return render.to_markdown(table), plots.sweep(data, folder / "sweep.png", x)
@@ -487,7 +487,7 @@ def run_concepts(cfg: DictConfig, command: str) -> dict:
                 torch_threads=os.environ.get("OMP_NUM_THREADS"), concepts=concepts, methods=methods,
                 seed=int(cfg.seed), training_s=round(training_s, 1), trained=times, failed=failed,
                 total_s=round(time.perf_counter() - start, 1))
-    write_text_atomic(out / "concepts_meta.json", json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out / "concepts_meta.json", to_json(meta, indent=2) + "\n")
     title = (f"Across concepts: {len(methods)} methods x {len(concepts)} toy-world concepts (seed {int(cfg.seed)}; "
              f"`{command}`, {meta['date'][:10]})")
     md = concept_tables.report(data, out, title)

@@ -156,3 +156,18 @@ def test_methods_are_found_in_a_checkout_that_was_never_installed(monkeypatch):
                 "baselines.uce", "baselines.rece", "baselines.mace", "baselines.spm", "baselines.advunlearn", "baselines.salun"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
     assert registry.available() == ["ablating", "advunlearn", "esd", "fmn", "mace", "ours", "rece", "salun", "sdd", "spm", "uce"]
+
+
+def test_the_project_writes_strict_json():
+    """Issue 20: summary.json and metrics.jsonl once held `Infinity`, which strict JSON readers refuse. Every JSON file
+    the project writes goes through erasure.io.to_json: non-finite numbers become null, numpy scalars numbers."""
+    import json
+    import math
+
+    import numpy as np
+
+    from erasure.io import to_json
+
+    text = to_json({"a": math.inf, "b": [1.5, -math.inf, math.nan], "c": (np.float32(2.5), np.int64(3)), 4: "x"})
+    assert text == '{"a": null, "b": [1.5, null, null], "c": [2.5, 3], "4": "x"}'
+    json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # no NaN/Infinity constants
