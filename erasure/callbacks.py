@@ -75,8 +75,19 @@ def create_callbacks(run: Run) -> list[Callback]:
 def drop_after(path: Path, start_step: int) -> None:
     """Keep the JSON lines of ``path`` whose step a resumed checkpoint covers (``step < start_step``)."""
     if path.is_file():
-        lines = path.read_text().splitlines()
-        write_text_atomic(path, "".join(l + "\n" for l in lines if json.loads(l)["step"] < start_step))
+        kept, torn = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill mid-write: the step is redone anyway
+                torn += 1
+                continue
+            if step < start_step:
+                kept.append(line)
+        if torn:
+            log.warning("dropped %d torn line(s) of %s (a kill mid-write); the steps after the checkpoint are redone",
+                        torn, path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 @callback

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_folder
@@ -112,6 +113,6 @@ def load_checkpoint(path: Path) -> tuple[int, dict]:
     try:
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "tensors.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint '{path}' is unreadable ({exc}): delete it to resume from the one before") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated or corrupt
+        raise UserError(f"checkpoint '{path.name}' is unreadable ({str(exc).splitlines()[0][:120]})") from None
     return int(meta["step"]), _join(meta["state"], tensors)

@@ -18,7 +18,7 @@ from .trainer import train
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     try:
-        train(cfg, hc.runtime.output_dir)
+        train(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
     except UserError as exc:
         if hc.mode != RunMode.MULTIRUN:
             fail(str(exc))

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .adapters import described
@@ -34,8 +34,9 @@ from .session import Session, seed_everything
 log = logging.getLogger(__name__)
 
 
-def resumed_config(run_dir: Path) -> tuple[DictConfig, Path]:
-    """``resume=<run folder>``: the folder's saved config and its last checkpoint."""
+def resumed_config(run_dir: Path) -> tuple[DictConfig, list[Path]]:
+    """``resume=<run folder>``: the folder's saved config and its checkpoints, newest first (a checkpoint that fails
+    to load falls back to the one before)."""
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"cannot resume '{run_dir}': it holds no config.yaml; pass a run folder written by erasure.train")
     checkpoints = list_checkpoints(run_dir)
@@ -48,7 +49,24 @@ def resumed_config(run_dir: Path) -> tuple[DictConfig, Path]:
             log.warning("the saved config of '%s' sets %s=%s, which method '%s' never read; resuming without it",
                         run_dir, key, cfg[key], cfg.method.name)
             cfg[key] = None
-    return cfg, checkpoints[-1]
+    return cfg, checkpoints[::-1]
+
+
+def resume_conflicts(saved: DictConfig, given: DictConfig, overrides: list[str]) -> list[str]:
+    """The command-line overrides whose value differs from the resumed run's saved config (``resume=`` continues a
+    run with its own config: a different iteration count or learning rate would silently be ignored)."""
+    conflicts = []
+    for text in overrides:
+        key = text.split("=", 1)[0].lstrip("+~")
+        if key in ("resume", "overwrite") or key.startswith("hydra."):
+            continue
+        mine, theirs = OmegaConf.select(given, key, default=None), OmegaConf.select(saved, key, default=None)
+        if isinstance(mine, DictConfig) and "name" in mine:  # a group choice (method=esd): compare by name
+            mine, theirs = mine.name, OmegaConf.select(saved, f"{key}.name", default=None)
+        plain = lambda v: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v  # noqa: E731
+        if plain(mine) != plain(theirs):
+            conflicts.append(f"{key} ({plain(mine)!r} given, the run has {plain(theirs)!r})")
+    return conflicts
 
 
 RUN_MARKS = ("config.yaml", "delta.safetensors", "summary.json", "metrics.jsonl", "checkpoints")  # a run was here
@@ -71,7 +89,7 @@ def claim_folder(run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> Path:
+def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> Path:
     """Run one erasure job; writes config.yaml, metrics.jsonl, delta.safetensors and summary.json (and what the
     callbacks write: samples/, timeline.png, probe.jsonl, checkpoints/).
 
@@ -80,7 +98,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     checkpoint = None
     if cfg.get("resume"):
         run_dir = Path(str(cfg.resume))
+        given = cfg
         cfg, checkpoint = resumed_config(run_dir)
+        conflicts = resume_conflicts(cfg, given, list(overrides or []))
+        if conflicts:
+            raise UserError(f"resume= continues '{run_dir}' with its saved config, which differs from "
+                            f"{', '.join(conflicts)}: drop those overrides, or train a new run with them")
     run_dir = Path(run_dir)
     method_cls, method_cfg = validate(cfg)
     with folder_lock(run_dir, "run folder"):  # one training per folder at a time
@@ -99,10 +122,18 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
     session = Session.create(cfg, models, method_cls, method_cfg)
     start_step = 1
     if checkpoint is not None:
-        done, state = load_checkpoint(checkpoint)
+        for i, candidate in enumerate(checkpoint):
+            try:
+                done, state = load_checkpoint(candidate)
+                break
+            except UserError as exc:  # truncated or corrupt (a kill mid-write on a filesystem without atomic rename)
+                if i + 1 == len(checkpoint):
+                    raise UserError(f"no checkpoint of '{run_dir}' is readable (the last: {exc}); train it again with "
+                                    "overwrite=true") from None
+                log.warning("%s; falling back to %s", exc, checkpoint[i + 1].name)
         session.restore(state)
         start_step = done + 1
-        log.info("resuming %s from %s (step %d)", run_dir, checkpoint.name, done)
+        log.info("resuming %s from %s (step %d)", run_dir, candidate.name, done)
     logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir)
     iterations = int(tr.iterations)
     run = Run(cfg, run_dir, models, session, logger, start_step, iterations)

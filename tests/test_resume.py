@@ -193,3 +193,29 @@ def test_experiments_replace_the_folders_they_decided_to_train(tmp_path):
 
     job = TrainJob("ours", tmp_path / "runs" / "ours", ["method=ours"], OC.create({}))
     assert job.command[-2:] == [f"hydra.run.dir={tmp_path / 'runs' / 'ours'}", "overwrite=true"]
+
+
+def test_resume_survives_a_torn_metrics_line_and_a_truncated_checkpoint_and_refuses_other_settings(tmp_path):
+    """Issue 20: a torn last line of metrics.jsonl and a truncated newest checkpoint made resume= end in a traceback;
+    now the line is dropped and the run falls back to the checkpoint before, both said in the log, and the delta still
+    equals an uninterrupted run's. resume= with an override that differs from the run's config is refused (it used
+    to be ignored without a word)."""
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert run_cli(["-m", "erasure.train", *COMMON, f"hydra.run.dir={ref}"]).returncode == 0
+    killed_at("erasure.train", [*COMMON, f"hydra.run.dir={killed}"], "erasure.session:Session.step", 7)
+    newest = list_checkpoints(killed)[-1]
+    assert newest.name.endswith("6")  # checkpoints of steps 4 and 6 kept
+    data = (newest / "tensors.safetensors").read_bytes()
+    (newest / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 0.1')  # cut mid-line
+    conflict = run_cli(["-m", "erasure.train", f"resume={killed}", "trainer.iterations=20", "method.lr=0.5"])
+    assert conflict.returncode == 2 and "Traceback" not in conflict.stderr
+    assert "trainer.iterations (20 given, the run has 8)" in conflict.stderr and "method.lr (0.5 given" in conflict.stderr
+    r = run_cli(["-m", "erasure.train", f"resume={killed}", "trainer.iterations=8"])  # the same value: no conflict
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = r.stderr + r.stdout
+    assert "dropped 1 torn line(s)" in log and "falling back to step_000004" in log
+    assert (killed / "delta.safetensors").read_bytes() == (ref / "delta.safetensors").read_bytes()
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
