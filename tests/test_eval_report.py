@@ -190,3 +190,59 @@ def test_frontier_keeps_a_closed_form_curve_apart_by_edit_strength(tmp_path):
     lines = to_markdown(frontier_table(rows)).splitlines()
     assert lines[0] == "| method | iteration | edit strength | seeds | Concept rate ↓ |"
     assert lines[3].startswith("| uce | 1 | 0.5 | 2 | ") and lines[6].startswith("| ours | 200 | – | 2 | ")
+
+
+# --------------------------------------------------------------------------------------------- ties, by hand
+def _runs(values: dict, base: dict | None = None):
+    """A table of runs A, B, C, ... (values: {key: [one value per run, None = missing]}), plus an oracle base row."""
+    from eval.render import Row, Table
+
+    keys = list(values)
+    n = len(values[keys[0]])
+    rows = [Row({"system": chr(65 + i)}, {k: values[k][i] for k in keys if values[k][i] is not None})
+            for i in range(n)]
+    if base is not None:
+        rows.insert(0, Row({"system": "base"}, base, "base"))
+    return Table({"system": "System"}, keys, rows)
+
+
+def test_ties_for_second_place_are_all_underlined():
+    """FID (lower better, 2 decimals): 10.00 best; 12.004 and 11.996 both show 12.00 and share second; 13.00 is third
+    and unmarked. CLIP (higher better, 4 decimals): the same with 0.25 and 0.25004 (a Stat, compared by its mean).
+    The base model's better values are not ranked."""
+    from eval.render import Stat, marks, to_latex, to_markdown
+
+    table = _runs({"fid": [10.0, 12.004, Stat(11.996, 0.5, 2), 13.0],
+                   "clip": [0.3, 0.25, Stat(0.25004, 0.01, 2), 0.2]}, base={"fid": 5.0, "clip": 0.9})
+    # row 0 is the base model; A..D are rows 1..4
+    assert marks(table) == {(1, "fid"): "best", (2, "fid"): "second", (3, "fid"): "second",
+                            (1, "clip"): "best", (2, "clip"): "second", (3, "clip"): "second"}
+    assert to_markdown(table).splitlines()[2:7] == [
+        "| base | 5.00 | 0.9000 |",
+        "| A | **10.00** | **0.3000** |",
+        "| B | <u>12.00</u> | <u>0.2500</u> |",
+        "| C | <u>12.00 ± 0.50</u> | <u>0.2500 ± 0.0100</u> |",
+        "| D | 13.00 | 0.2000 |"]
+    tex = to_latex(table)
+    assert tex.count(r"\underline{12.00") == 2 and tex.count(r"\underline{0.2500") == 2 and "13.00" in tex
+    assert r"\underline{13.00}" not in tex and r"\textbf{5.00}" not in tex
+
+
+def test_all_equal_column_is_all_bold_with_no_second():
+    """SSIM 0.30001, 0.3 and 0.29999 all show 0.300: every run is best and none is second (no next distinct value);
+    NudeNet 0.0 everywhere likewise; a column with one value has a best and no second; the base model's better SSIM
+    and a missing value change nothing."""
+    from eval.render import marks, to_markdown
+
+    table = _runs({"ssim": [0.30001, 0.3, 0.29999], "nudenet": [0.0, 0.0, 0.0], "kid": [None, 0.004, None]},
+                  base={"ssim": 0.9, "nudenet": 0.5})
+    assert marks(table) == {(1, "ssim"): "best", (2, "ssim"): "best", (3, "ssim"): "best",
+                            (1, "nudenet"): "best", (2, "nudenet"): "best", (3, "nudenet"): "best",
+                            (2, "kid"): "best"}
+    md = to_markdown(table)
+    assert md.splitlines()[3:6] == ["| A | **0.300** | **0.000** | – |", "| B | **0.300** | **0.000** | **0.00400** |",
+                                    "| C | **0.300** | **0.000** | – |"]
+    assert "<u>" not in md.split("\n\n")[0]
+    # one run better at the displayed precision breaks the tie: it alone is best, the three others share second
+    table = _runs({"ssim": [0.30001, 0.3, 0.29999, 0.3006]})
+    assert marks(table) == {(0, "ssim"): "second", (1, "ssim"): "second", (2, "ssim"): "second", (3, "ssim"): "best"}
