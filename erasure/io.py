@@ -16,10 +16,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_path(path: Path):
-    """A temporary file in ``path``'s folder; the caller renames it into place with os.replace."""
+    """A temporary file in ``path``'s folder; the caller renames it into place with os.replace. Its permissions are
+    what a plain ``open(path, "w")`` would give (0666 less the umask), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp)
 
@@ -48,6 +56,7 @@ def atomic_folder(path: str | Path, write, *, keep_existing: bool = False) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # as os.mkdir would make it (mkdtemp's is private 0700)
     try:
         write(tmp)
         if path.is_dir() and not keep_existing:

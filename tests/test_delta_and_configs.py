@@ -190,3 +190,24 @@ def test_a_delta_with_non_finite_values_or_no_tensors_is_refused(tmp_path):
         read_delta(tmp_path / "empty.safetensors")
     tensors, _ = read_delta(tmp_path / "fine.safetensors")
     assert tensors["a.weight"].tolist() == [1.0, -2.0]
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    """Issue 20: atomic writes made 0600 files and 0700 folders whatever the umask (mkstemp's private modes), so a
+    group could not read a shared run folder."""
+    import os
+    import stat
+
+    from erasure.io import atomic_folder, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}\n")
+        atomic_folder(tmp_path / "ckpt", lambda d: (d / "x").write_text("1"))
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "b.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
