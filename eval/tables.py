@@ -43,6 +43,23 @@ def shown_in(table: str, keys) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- Table 1
+def read_record(f: Path) -> dict:
+    """One eval.json, checked: a truncated file, or one whose fields have the wrong types (hand-edited), ends in one
+    sentence naming the file and how to fix it, not in a traceback further down."""
+    fix = f"re-evaluate it (python -m eval.run run={f.parent} force=true)"
+    try:
+        rec = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"'{f}' is not readable JSON ({str(exc).splitlines()[0]}): {fix}") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("metrics", {}), dict):
+        raise UserError(f"'{f}' is not an evaluation record (an object with a 'metrics' object): {fix}")
+    for key, value in rec.get("metrics", {}).items():
+        inner = value.get("value") if isinstance(value, dict) else value
+        if inner is not None and (isinstance(inner, bool) or not isinstance(inner, (int, float))):
+            raise UserError(f"'{f}': metric '{key}' holds {inner!r}, not a number: {fix}")
+    return rec
+
+
 def load_records(paths: list[str | Path]) -> list[dict]:
     """The eval.json records of folders (or files): base model first, then the runs in the given order, reference last."""
     records = []
@@ -50,7 +67,7 @@ def load_records(paths: list[str | Path]) -> list[dict]:
         f = p / "eval.json" if p.is_dir() else p
         if not f.is_file():
             raise UserError(f"no eval.json in '{p}': evaluate it first (python -m eval.run run={p})")
-        records.append(json.loads(f.read_text()))
+        records.append(read_record(f))
     if not records:
         raise UserError("no evaluations given: pass folders that hold eval.json")
     records = [r for r in records if r.get("metrics")]  # e.g. a reference row when the suite has no CLIP score

@@ -246,3 +246,17 @@ def test_all_equal_column_is_all_bold_with_no_second():
     # one run better at the displayed precision breaks the tie: it alone is best, the three others share second
     table = _runs({"ssim": [0.30001, 0.3, 0.29999, 0.3006]})
     assert marks(table) == {(0, "ssim"): "second", (1, "ssim"): "second", (2, "ssim"): "second", (3, "ssim"): "best"}
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"system": "ours", "metrics": {"fid": 12.', "is not readable JSON"),
+    ('["not", "a", "record"]', "is not an evaluation record"),
+    ('{"system": "ours", "kind": "run", "metrics": {"fid": "twelve"}}', "metric 'fid' holds 'twelve', not a number"),
+])
+def test_a_truncated_or_mistyped_eval_json_is_one_sentence(tmp_path, content, words):
+    """Issue 20: eval.report ended in a traceback on a truncated or hand-edited eval.json."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eval.json").write_text(content)
+    proc = run_cli(["-m", "eval.report", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0] and "force=true" in lines[0], proc.stderr
