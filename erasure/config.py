@@ -10,6 +10,7 @@ method (:meth:`erasure.method.ErasureMethod.validate_concept`), not here.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -175,6 +176,13 @@ def validate(cfg: DictConfig):
             and not list(cfg.params.get("text_encoder") or []):
         raise UserError(f"params={cfg.params.get('name')} selects no UNet parameter (nor a text-encoder one), and method '{method_cls.name}' "
                         f"trains model weights: choose a subset (its default: params={method_cls.default_params})")
+    for key in ("include", "exclude", "text_encoder", "text_encoder_exclude"):
+        for pattern in list(cfg.params.get(key) or []):
+            try:
+                re.compile(str(pattern))
+            except re.error as exc:
+                raise UserError(f"params.{key} pattern '{pattern}' is not a valid regular expression ({exc}): fix it in "
+                                f"conf/params/{cfg.params.get('name')}.yaml or on the command line") from None
     if method_cls.shape == "closed_form" and tr.iterations != 1:
         raise UserError(f"method '{method_cls.name}' is a closed-form edit (one step): trainer.iterations must be 1, "
                         f"got {tr.iterations}")
@@ -190,6 +198,10 @@ def validate(cfg: DictConfig):
         raise UserError(f"model.lr_scale must be > 0, got {model.lr_scale}")
     if model.probe:
         registry.get_probe(model.probe)  # an unknown probe name fails here, not after training
+    if (cfg.get("logger") or {}).get("name") == "wandb":
+        from .loggers import check_wandb_env
+
+        check_wandb_env()
     targets = list(cfg.concept.get("targets") or [])
     if not targets or any(not str(t).strip() for t in targets):
         raise UserError(f"concept '{cfg.concept.get('name')}' has no target text: set concept.targets to a list of prompts")

@@ -23,9 +23,22 @@ class NoLogger:
         pass
 
 
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # what wandb.init accepts (wandb_settings.mode)
+
+
+def check_wandb_env() -> None:
+    """A WANDB_MODE that wandb.init would refuse (with a pydantic trace) ends in one sentence instead."""
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and env not in WANDB_MODES:
+        from .errors import UserError
+
+        raise UserError(f"WANDB_MODE={env} is not a W&B mode: use one of {', '.join(WANDB_MODES)} (or unset it)")
+
+
 def wandb_mode(mode: str | None, folder: Path) -> str:
     """``auto`` -> online with an API key (WANDB_API_KEY or ~/.netrc), else offline (said once)."""
     mode = mode or "auto"
+    check_wandb_env()
     if mode == "auto":
         has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
         mode = "online" if has_key and os.environ.get("WANDB_MODE") != "offline" else "offline"

@@ -113,13 +113,19 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
 
 
 def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -> Path:
-    if checkpoint is None:
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
     tr = cfg.trainer
     seed_everything(int(tr.seed))
     models = load_models(cfg.model, str(tr.device))
+    limit = int(models.scheduler.config.num_train_timesteps)  # known once the model's scheduler is loaded
+    for group, node, key in (("method", method_cfg, "T"), ("method", method_cfg, "ddim_steps"),
+                             ("model", cfg.model, "sample_steps")):
+        steps = getattr(node, key, None) if not isinstance(node, DictConfig) else node.get(key)
+        if isinstance(steps, int) and steps > limit:
+            raise UserError(f"{group}.{key}={steps} is more sampling steps than the model's scheduler has timesteps "
+                            f"({limit}): use at most {limit}")
     session = Session.create(cfg, models, method_cls, method_cfg)
+    if checkpoint is None:  # written once set-up succeeded: an error before it leaves only Hydra's log in the folder
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     start_step = 1
     if checkpoint is not None:
         for i, candidate in enumerate(checkpoint):
