@@ -62,8 +62,19 @@ def _from_csv(spec, name: str, n: int | None) -> list[PromptRow]:
     guidance_col = spec.get("guidance_col")
     category = spec.get("category")
     category_col = str(spec.get("category_col", "categories"))
+    try:
+        return _read_csv(path, name, n, prompt_col, seed_col, case_col, guidance_col, category, category_col)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"prompt set '{name}': {path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as "
+                        "UTF-8") from None
+    except csv.Error as exc:
+        raise UserError(f"prompt set '{name}': {path} is not a readable CSV ({exc}): check its quoting and field "
+                        "lengths") from None
+
+
+def _read_csv(path, name, n, prompt_col, seed_col, case_col, guidance_col, category, category_col) -> list[PromptRow]:
     rows: list[PromptRow] = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first column
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         needed = [prompt_col, seed_col] + ([str(guidance_col)] if guidance_col else []) + ([category_col] if category else [])
@@ -81,9 +92,11 @@ def _from_csv(spec, name: str, n: int | None) -> list[PromptRow]:
                 seed = int(float(rec[seed_col]))
                 case = int(float(rec[case_col])) if case_col in rec and rec[case_col] != "" else index
                 guidance = float(rec[str(guidance_col)]) if guidance_col else None
-            except ValueError:
+                if not 0 <= seed < 2 ** 63:
+                    raise OverflowError(seed)
+            except (ValueError, OverflowError):  # not a number, NaN, infinite, or beyond a 64-bit generator seed
                 raise UserError(f"prompt set '{name}': {path} line {line}: {seed_col}/{case_col}"
-                                f"{'/' + str(guidance_col) if guidance_col else ''} must be numbers, got "
+                                f"{'/' + str(guidance_col) if guidance_col else ''} must be numbers (a seed in [0, 2^63)), got "
                                 f"{rec.get(seed_col)!r}/{rec.get(case_col)!r}") from None
             prompt = rec[prompt_col].strip()
             if not prompt:

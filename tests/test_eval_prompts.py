@@ -101,3 +101,29 @@ def test_eval_run_cli_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "is not a run folder" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli(["-m", "eval.run", "system=reference", "suite=nope"])
     assert proc.returncode == 2 and "unknown suite 'nope'" in proc.stderr
+
+
+def _csv_spec(path):
+    return OmegaConf.create({"kind": "csv", "path": str(path), "n": None})
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("prompt,evaluation_seed\na caf\xe9,1\n".encode("latin-1"), "is not UTF-8 text"),
+    ("prompt,evaluation_seed\n\"" + "x" * 131073 + "\",1\n", "is not a readable CSV (field larger than field limit"),
+    ("prompt,evaluation_seed\na cat,1e40\n", "line 2: evaluation_seed/case_number must be numbers (a seed in [0, 2^63))"),
+    ("prompt,evaluation_seed\na cat,inf\n", "line 2"),
+    ("prompt,evaluation_seed\na cat,-1\n", "line 2"),
+])
+def test_bad_prompt_files_are_one_sentence(tmp_path, raw, words):
+    """Issue 20: a Latin-1 file, a 131,072-character field and a seed of 1e40 or inf ended in tracebacks."""
+    path = tmp_path / "p.csv"
+    path.write_bytes(raw) if isinstance(raw, bytes) else path.write_text(raw)
+    with pytest.raises(UserError) as err:
+        load_prompt_set(_csv_spec(path))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_text("\ufeffprompt,evaluation_seed\na café,7\n", encoding="utf-8")
+    assert load_prompt_set(_csv_spec(path)) == [PromptRow(case=0, prompt="a café", seed=7, guidance=None)]
