@@ -50,6 +50,27 @@ def at_least(low: int) -> Rule:
     return Rule(f"at least {low} (a whole number)", lambda v: _int(v) and v >= low)
 
 
+def or_null(rule: Rule) -> Rule:
+    return Rule(f"{rule.describe} or null", lambda v: v is None or rule.ok(v))
+
+
+_ABSENT = object()
+
+
+def check_keys(node, rules: dict[str, Rule], group: str) -> None:
+    """Check the dotted keys of a config node (DictConfig or dict; an absent key is skipped) against ``rules``."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    for key, rule in rules.items():
+        value = OmegaConf.select(node, key, default=_ABSENT) if isinstance(node, DictConfig) else node.get(key, _ABSENT)
+        if value is _ABSENT:
+            continue
+        if isinstance(value, (ListConfig, tuple)):
+            value = list(value)
+        if not rule.ok(value):
+            raise UserError(f"{group}.{key} must be {rule.describe}, got {value!r}")
+
+
 def pair(describe: str, each: Callable[[Any], bool], ordered: bool = True) -> Rule:
     """Two values, each passing ``each`` (and low <= high with ``ordered``)."""
     def ok(v):

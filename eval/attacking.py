@@ -373,10 +373,11 @@ def experiment(cfg: DictConfig, command: str) -> dict:
     import datetime
 
     from . import plots, render
-    from .experiment import chosen_methods, machine, run_training, train_job
+    from .experiment import check_jobs, chosen_methods, machine, run_training, train_job
     from .prompts import resolve_path
 
     start = time.perf_counter()
+    check_jobs(cfg)
     attacks = list(cfg.attacks)
     for a in attacks:
         make_attack(a, attack_settings(cfg.robustness, a))  # unknown attacks and settings fail before any work

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from erasure import schema
 from erasure.errors import UserError
 from erasure.io import to_json, write_text_atomic
 
@@ -31,6 +32,24 @@ log = logging.getLogger(__name__)
 SYSTEMS = ("run", "base", "reference")
 
 
+# the suite's numeric settings and their ranges (erasure/schema.py's rules): checked before any model loads
+SUITE_RULES = {
+    "sampler.steps": schema.or_null(schema.at_least(1)),
+    "sampler.guidance": schema.or_null(schema.FINITE),
+    "sampler.resolution": schema.RESOLUTION,
+    "sampler.batch_size": schema.at_least(1),
+    "metrics.kid.subset_size": schema.or_null(schema.at_least(2)),  # KID's unbiased MMD needs 2 images per subset
+    "metrics.kid.subsets": schema.at_least(1),
+}
+
+
+def check_suite(suite) -> None:
+    """Every numeric setting of the suite within its range, and every prompt set's ``n`` null or at least 1."""
+    schema.check_keys(suite, SUITE_RULES, "suite")
+    for name, spec in (suite.get("prompt_sets") or {}).items():
+        schema.check_keys(spec, {"n": schema.or_null(schema.at_least(1))}, f"suite.prompt_sets.{name}")
+
+
 class Evaluation:
     """One system under evaluation: its images (cached), the base model's, the reference images."""
 
@@ -40,6 +59,7 @@ class Evaluation:
             raise UserError(f"unknown system '{system}': choose one of {', '.join(SYSTEMS)}")
         if system != "reference" and run_dir is None:
             raise UserError(f"system={system} needs run=<run folder> (the base model is read from the run's config)")
+        check_suite(cfg.suite)
         self.cfg = cfg
         self.suite = cfg.suite
         self.kind = system

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from erasure import schema
 from erasure.errors import UserError, terminate_raises
 from erasure.io import to_json, write_text_atomic
 
@@ -279,10 +280,16 @@ def map_in_workers(fn, args: list, workers: int) -> list:
 
 
 # ------------------------------------------------------------------------------------------------- experiments
+def check_jobs(cfg: DictConfig) -> None:
+    """``jobs`` (processes at once) is a whole number of at least 1 (0 or -2 used to be taken as 1 without a word)."""
+    schema.check_keys(cfg, {"jobs": schema.at_least(1)}, "experiment")
+
+
 def run(cfg: DictConfig, command: str) -> dict:
     """Table 1 (``seeds: null``: one table in ``out``), or Table 1 over ``seeds`` with the λ sweep and the frontier.
     ``command`` is recorded in the meta files."""
     start = time.perf_counter()
+    check_jobs(cfg)
     if cfg.logger not in ("none", "wandb"):
         raise UserError(f"unknown logger '{cfg.logger}': choose none or wandb")
     out = resolve_path(cfg.out)
@@ -468,6 +475,7 @@ def run_concepts(cfg: DictConfig, command: str) -> dict:
     """The concepts experiment (``conf/experiment/concepts.yaml``): every method on every toy concept, one seed each,
     trained by :func:`run_training` into ``<out>/runs/<concept>/<method>``; the report from the runs' own probes."""
     start = time.perf_counter()
+    check_jobs(cfg)
     out = resolve_path(cfg.out)
     concepts = chosen_concepts(cfg)
     methods = chosen_methods(cfg)

@@ -127,3 +127,29 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     path = tmp_path / "bom.csv"
     path.write_text("\ufeffprompt,evaluation_seed\na café,7\n", encoding="utf-8")
     assert load_prompt_set(_csv_spec(path)) == [PromptRow(case=0, prompt="a café", seed=7, guidance=None)]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("suite.sampler.steps=-3", "suite.sampler.steps must be at least 1 (a whole number) or null, got -3"),
+    ("suite.sampler.batch_size=0", "suite.sampler.batch_size must be at least 1"),
+    ("suite.sampler.resolution=30", "suite.sampler.resolution must be a positive multiple of 8"),
+    ("suite.metrics.kid.subset_size=0", "suite.metrics.kid.subset_size must be at least 2 (a whole number) or null, got 0"),
+    ("suite.prompt_sets.target.n=0", "suite.prompt_sets.target.n must be at least 1"),
+])
+def test_bad_suite_settings_are_refused_before_anything_loads(tmp_path, override, words):
+    """Issue 20: eval accepted sampler.steps=-3 and kid.subset_size=0 (and failed, or not, much later)."""
+    from eval.evaluation import Evaluation
+
+    cfg = compose("run", ["system=reference", "suite=toyworld", f"out={tmp_path}", override])
+    with pytest.raises(UserError) as err:
+        Evaluation(cfg)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("jobs", [0, -2])
+def test_experiments_refuse_jobs_below_one(tmp_path, jobs):
+    from eval.experiment import run_concepts
+
+    cfg = compose("experiment/concepts", [f"jobs={jobs}", f"out={tmp_path}"])
+    with pytest.raises(UserError, match=rf"experiment.jobs must be at least 1 \(a whole number\), got {jobs}"):
+        run_concepts(cfg, "test")
