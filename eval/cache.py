@@ -104,6 +104,11 @@ def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler
     folder.mkdir(parents=True, exist_ok=True)
     paths = image_paths(folder, rows, sampler)
     todo = [(r, p) for r, p in zip(rows, paths) if not p.is_file()]
+    corrupt = [(r, p) for r, p in zip(rows, paths) if p.is_file() and not readable_png(p)]
+    if corrupt:  # written outside the project's atomic writes (a copy cut short, a full disk): made again
+        log.warning("%d cached image(s) in %s do not decode (e.g. %s): generating them again", len(corrupt), folder,
+                    corrupt[0][1].name)
+        todo += corrupt
     if todo:
         state = launch_state()
         rank, world = state.process_index, state.num_processes
@@ -127,6 +132,16 @@ def generate(models, rows: list[PromptRow], folder: str | Path, sampler: Sampler
         log.info("%s: %d images in %.1f s (%d were cached)%s -> %s", desc, len(todo), time.perf_counter() - start,
                  len(rows) - len(todo), share, folder)
     return dict(generated=len(todo), cached=len(rows) - len(todo), paths=paths)
+
+
+def readable_png(path: Path) -> bool:
+    """Whether the file is a complete PNG (PIL's verify: every chunk's CRC, the end marker)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001 -- PIL raises several kinds (OSError, SyntaxError, struct.error) for bad files
+        return False
 
 
 def load_images(paths: list[Path]) -> np.ndarray:

@@ -70,6 +70,14 @@ def test_second_run_generates_nothing_and_base_is_shared(runs, tmp_path):
     assert again.stats == {"generated": 0, "cached": 6}
     assert np.array_equal(erased, erased2) and np.array_equal(base, base2)
 
+    # issue 20: a cached PNG cut short (copied outside the atomic writes) is made again, not read as an error
+    victim = sorted(p for p in generated(cache) if ev.model_key(base=False) in str(p))[1]
+    victim.write_bytes(victim.read_bytes()[:40])
+    repaired = evaluation(runs[0], cache)
+    erased3, _ = repaired.images("objects")
+    assert repaired.stats == {"generated": 1, "cached": 2}
+    assert np.array_equal(erased3, erased)
+
     other = evaluation(runs[1], cache)  # another run on the same base: base images come from the cache
     other.base_images("objects")
     assert other.stats == {"generated": 0, "cached": 3}
