@@ -68,6 +68,13 @@ def _hydra_flags_and_overrides(argv: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
+def yaml_error(exc) -> str:
+    """A YAML parser error as one sentence: the file, line and column, and the problem."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a config file"
+    return f"{where} is not valid YAML ({getattr(exc, 'problem', None) or exc}): fix that file"
+
+
 def precheck_train_args(argv: list[str], max_jobs: int = 64) -> None:
     """Compose and validate the configs a command line asks for, before Hydra starts any job (or makes a folder).
 
@@ -76,6 +83,8 @@ def precheck_train_args(argv: list[str], max_jobs: int = 64) -> None:
     check its config again (:func:`erasure.config.validate` remembers the configs it passed in this process).
     """
     import itertools
+
+    import yaml
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -98,6 +107,8 @@ def precheck_train_args(argv: list[str], max_jobs: int = 64) -> None:
     for combo in combos:
         try:
             cfg = compose(list(combo))
+        except yaml.YAMLError as exc:  # a hand-edited config file (concept, model, ...) that is not valid YAML
+            raise UserError(yaml_error(exc)) from None
         except (HydraException, OmegaConfBaseException) as exc:
             first = str(exc).strip().splitlines()[0].rstrip(".")
             cause = str(exc.__cause__ or "").strip().splitlines()

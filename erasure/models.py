@@ -263,12 +263,21 @@ def _load_scheduler(location: str, kw: dict):
     import diffusers
 
     if Path(location).is_dir():
-        sched_config = json.loads((Path(location) / "scheduler" / "scheduler_config.json").read_text())
+        path = Path(location) / "scheduler" / "scheduler_config.json"
     else:
         from huggingface_hub import hf_hub_download
 
-        sched_config = json.loads(Path(hf_hub_download(location, "scheduler/scheduler_config.json", **kw)).read_text())
-    cls = getattr(diffusers, sched_config["_class_name"])
+        path = Path(hf_hub_download(location, "scheduler/scheduler_config.json", **kw))
+    try:
+        sched_config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"the model's scheduler config '{path}' is missing or not JSON ({exc}): restore the diffusers "
+                        "folder's scheduler/scheduler_config.json") from None
+    name = sched_config.get("_class_name") if isinstance(sched_config, dict) else None
+    cls = getattr(diffusers, str(name), None) if name else None
+    if cls is None or not hasattr(cls, "from_config"):
+        raise UserError(f"the model's scheduler config '{path}' names no diffusers scheduler (_class_name: {name!r}): "
+                        "set it, e.g. \"_class_name\": \"PNDMScheduler\"")
     return cls.from_config(sched_config)
 
 

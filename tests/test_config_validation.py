@@ -83,3 +83,46 @@ def test_errors_the_training_command_used_to_end_in_a_traceback(tmp_path, argv, 
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[")]
     assert proc.returncode == 2 and lines == [lines[-1]] and words in lines[-1], proc.stderr[-2000:]
     assert not (run / "config.yaml").exists()
+
+
+def test_a_config_file_that_is_not_yaml_is_one_sentence_naming_it(tmp_path):
+    """Issue 20: malformed YAML in a concept file ended in a yaml.ScannerError traceback. precheck_train_args turns the
+    parser's error into this sentence (checked by hand on the command line: `concept=<a broken file>` exits 2 with it)."""
+    import yaml
+
+    from erasure.cli import yaml_error
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: broken\ntargets: [a circle\n")
+    with pytest.raises(yaml.YAMLError) as err:
+        yaml.safe_load(open(path))
+    message = yaml_error(err.value)
+    assert message == (f"{path}, line 3, column 1 is not valid YAML (expected ',' or ']', but got '<stream end>'): "
+                       "fix that file")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.pop("_class_name"), "names no diffusers scheduler (_class_name: None)"),
+    (lambda c: c.update(_class_name="NoSuchScheduler"), "(_class_name: 'NoSuchScheduler')"),
+])
+def test_a_scheduler_config_without_a_known_class_is_one_sentence(tmp_path, edit, words):
+    """Issue 20: a scheduler config without `_class_name` ended in a KeyError traceback."""
+    import json
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from erasure.models import load_models
+    from erasure.toyworld import world
+
+    model = tmp_path / "model"
+    shutil.copytree(__import__("pathlib").Path(world.__file__).parent / "model", model)
+    path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    cfg = OmegaConf.load("conf/model/toyworld.yaml")
+    cfg.path = str(model)
+    with pytest.raises(UserError, match="scheduler config") as err:
+        load_models(cfg, "cpu")
+    assert words in str(err.value)
