@@ -33,6 +33,10 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     try:
         precheck_train_args(sys.argv[1:])
+        main()
     except UserError as exc:
         fail(str(exc))
-    main()
+    except KeyboardInterrupt:  # Ctrl-C: one line; the last checkpoint (trainer.checkpoint_every) is complete
+        print("interrupted (Ctrl-C): resume=<run folder> continues from the last checkpoint", file=sys.stderr,
+              flush=True)
+        raise SystemExit(130) from None

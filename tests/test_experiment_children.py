@@ -66,3 +66,21 @@ def test_the_training_child_does_not_outlive_the_experiment(tmp_path, sig):
         assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)")
         assert "Traceback" not in err
     assert not (tmp_path / "runs" / "circle" / "ours" / "delta.safetensors").exists()
+
+
+def test_ctrl_c_ends_a_training_in_one_line_with_exit_130(tmp_path):
+    """Issue 20: Ctrl-C (SIGINT) to erasure.train ended in a KeyboardInterrupt traceback."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "erasure.train", "model=tiny", "concept=nudity", "method.T=6",
+                             "trainer.iterations=100000", "trainer.preview_every=0", f"hydra.run.dir={run}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"})
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text(), 120, "training")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C)")
