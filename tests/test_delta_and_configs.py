@@ -94,14 +94,34 @@ def test_atomic_folder_replaces_or_keeps_the_existing_folder_and_a_failed_write_
 
 
 @pytest.mark.parametrize("group", GROUPS)
-def test_every_config_file_composes(group):
+def test_every_config_file_composes_to_its_own_values(group):
+    """Each option of each group, composed, holds every value its file sets (read here from the file alone), its
+    interpolations resolved to the keys they name; a method's node parses to the same values, and its yaml selects
+    the parameter subset its class names as its default."""
+    import dataclasses
+
     from erasure import registry
 
-    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
-        cfg = compose_cfg([f"{group}={option}"])
-        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert options
+    # beside a method whose iterations differ from the trainer schema's default (ESD: 1000), so that an interpolation
+    # overwritten by a schema default shows
+    context = [] if group == "method" else ["method=esd"]
+    for option in options:
+        cfg = compose_cfg([*context, f"{group}={option}"])
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")).items()
+               if k != "defaults"}
+        for key, value in own.items():
+            if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+                value = OmegaConf.select(OmegaConf.create(resolved), value[2:-1])  # the key it names
+            assert resolved[group][key] == value, f"{group}={option}: {key}"
         if group == "method":
-            registry.get_method(cfg.method.name).parse_config(cfg.method)
+            cls = registry.get_method(option)
+            assert cfg.method.name == option and cfg.params.name == cls.default_params, option
+            assert dataclasses.asdict(cls.parse_config(cfg.method)) == resolved["method"], option
+        elif "name" in own:
+            assert own["name"] == option
 
 
 def test_method_defaults_have_one_source_the_schema():

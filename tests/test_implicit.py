@@ -174,14 +174,55 @@ def test_layer_regex_selects_a_subset():
     assert any(".attn2." in n and not isinstance(p, p2p.ReweightAttnProcessor) for n, p in procs.items())
 
 
-def test_a_short_implicit_run_writes_its_delta(tmp_path):
+def test_a_short_implicit_run_trains_a_plain_student_on_the_reweighted_target(tmp_path):
+    """A short run (the teacher bank batching 2 iterations) against a replay: the same draws' teacher work one at a
+    time, and a plain UNet (no P2P processor) as the student, its loss written out (Algorithm 1, lines 11-12) and
+    stepped by AdamW with the run's settings. The trained delta is the replay's, and the replay's targets carry the
+    implicit signal: inside the window they differ from gamma1 (eps*(z_t, c) - eps*(z_t, ∅)) of a plain base UNet."""
     from erasure.delta import read_delta
+    from erasure.models import load_models
     from erasure.trainer import train
+    from tests.conftest import build_method
 
-    cfg = compose_cfg(["model=tiny", "trainer.iterations=3", "trainer.preview_every=0", "trainer.teacher_batch=2",
-                       "method.lr=1e-3", "method.T=4", *CIRCLE[:3], "method.warmup=1"])
+    overrides = ["model=tiny", "trainer.preview_every=0", "method.lr=1e-3", "method.adam_eps=1e-4", "method.T=4",
+                 *CIRCLE[:3], "method.warmup=1"]
+    cfg = compose_cfg([*overrides, "trainer.iterations=3", "trainer.teacher_batch=2", "trainer.seed=3"])
     assert cfg.method.signal == "implicit"
-    run = train(cfg, tmp_path / "run")
-    assert (run / "delta.safetensors").is_file()
-    params, _ = read_delta(run)
-    assert params and all(".to_out." in name for name in params)
+    trained, _ = read_delta(train(cfg, tmp_path / "run"))
+
+    m, ctx, _ = build_method(overrides, generator_seed=3)  # the run's generator: t = 3, 2, 4
+    base, student = load_models(cfg.model, "cpu"), load_models(cfg.model, "cpu")  # plain UNets
+    named = dict(student.unet.named_parameters())
+    params = {n: named[n] for n in ctx.trainable}
+    assert set(params) == set(trained) and all(".to_out." in n for n in params)
+    for p in student.unet.parameters():
+        p.requires_grad_(p in set(params.values()))
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-3, eps=1e-4, betas=(0.9, 0.999), weight_decay=0.01)
+    emb_u, emb_c = student.encode_text([""]), student.encode_text(["a circle"])
+    signal = []
+    for step in (1, 2, 3):
+        d = m.draw(step)
+        w = m.teacher_work([d])[0]
+        z, t = w["z_t"], w["timestep"]
+        with torch.no_grad():
+            plain = 7.5 * (base.unet(z, t, encoder_hidden_states=emb_c).sample
+                           - base.unet(z, t, encoder_hidden_states=emb_u).sample)
+        moved = float((w["guidance_target"] - plain).abs().max())
+        scale = float(plain.abs().max())
+        if m.active(4 - d["t"]):  # measured: moved by 25% and 28% of the target's size
+            signal.append(moved / scale)
+        else:  # before the warm-up: the plain target (measured 2e-4 of its size: batched vs single calls)
+            assert moved < 2e-3 * scale, step
+        eps_c = student.unet(z, t, encoder_hidden_states=emb_c).sample
+        eps_u = student.unet(z, t, encoder_hidden_states=emb_u).sample
+        concept = ((7.5 * (eps_c - eps_u.detach()) - w["guidance_target"]) ** 2).mean()
+        loss = concept + 5.0 * ((eps_u - w["teacher_u"]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert len(signal) == 2 and min(signal) > 0.1  # the two draws inside the window: there the target moved
+    start = dict(load_models(cfg.model, "cpu").unet.named_parameters())
+    moved_by = max(float((trained[n] - start[n]).abs().max()) for n in trained)
+    assert moved_by > 1e-3  # trained by far more than the tolerance below
+    for n, p in params.items():
+        torch.testing.assert_close(trained[n], p.detach(), rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, compose_cfg, run_cli
-from tests.wandb_records import summarise
+from tests.wandb_records import records
 
 
 def _hydra_launcher(choice: str):
@@ -30,7 +30,39 @@ def test_launcher_configs_compose():
     assert slurm.gpus_per_node == 1 and slurm.timeout_min == 60 and slurm.array_parallelism == 32
 
 
-def test_wandb_offline_sweep_is_grouped_and_logs_media(tmp_path):
+def logged(path: Path) -> dict:
+    """What an offline W&B run file holds, values decoded: {"group", "config": {key: value}, "history": {step:
+    {key: value}}, "summary": {key: last value}} (nested keys joined with '/')."""
+    out = {"group": None, "config": {}, "history": {}, "summary": {}}
+
+    def items(seq):
+        return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in seq}
+
+    for rec in records(path):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["group"] = rec.run.run_group
+            out["config"].update(items(rec.run.config.update))
+        elif kind == "config":
+            out["config"].update(items(rec.config.update))
+        elif kind == "history":
+            row = items(rec.history.item)
+            out["history"].setdefault(int(row["_step"]), {}).update(row)
+        elif kind == "summary":
+            out["summary"].update(items(rec.summary.update))
+    return out
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_wandb_offline_sweep_is_grouped_and_logs_what_the_run_folders_hold(tmp_path):
+    """Each job's W&B run (read back from the offline file) holds its run folder's numbers: per step the
+    metrics.jsonl row, as the summary the numbers of summary.json, as config the saved config.yaml, and as media
+    the very preview and timeline PNGs; the sweep's own run holds sweep.csv as its table."""
     sweep = tmp_path / "2026-01-01" / "10-00-00"
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     env.update(WANDB_MODE="offline", HOME=str(tmp_path))  # no ~/.netrc: the logger chooses offline by itself
@@ -40,23 +72,40 @@ def test_wandb_offline_sweep_is_grouped_and_logs_media(tmp_path):
     summary = run_cli(["-m", "eval.sweep", str(sweep), "wandb=true"], env=env)
     assert summary.returncode == 0, summary.stderr[-2000:]
 
-    jobs = sorted(sweep.glob("[0-9]_*/wandb/offline-run-*/run-*.wandb"))
-    assert len(jobs) == 2
-    for f in jobs:
-        rec = summarise(f)
+    runs = sorted(sweep.glob("[0-9]_*"))
+    assert len(runs) == 2
+    for run in runs:
+        (f,) = run.glob("wandb/offline-run-*/run-*.wandb")
+        rec = logged(f)
         assert rec["group"] == "sweep-2026-01-01-10-00-00"  # the jobs of one multirun share a group
-        assert {"train/loss", "train/concept", "train/penalty", "train/lr"} <= rec["history_keys"]
-        assert {"preview/_type", "timeline/_type"} <= rec["history_keys"]  # image media: previews and timeline
-        assert {"train_time_s", "final/loss"} <= rec["summary_keys"]
-        assert {"method", "trainer", "lambda"} <= rec["config_keys"]
-    (own,) = sweep.glob("wandb/offline-run-*/run-*.wandb")
-    rec = summarise(own)
-    assert rec["group"] == "sweep-2026-01-01-10-00-00" and "sweep/table/_type" in rec["history_keys"]
+        saved = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+        assert {k: v for k, v in rec["config"].items() if not k.startswith("_")} == saved
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        for r in rows:
+            logged_row = {k[len("train/"):]: v for k, v in rec["history"][r["step"]].items() if k.startswith("train/")}
+            assert logged_row == {k: v for k, v in r.items() if k != "step"}, r["step"]
+        for step in (0, 1, 2):  # the preview grids, as written to samples/
+            assert rec["history"][step]["preview/sha256"] == sha256(run / "samples" / f"step_{step:06d}.png")
+        assert rec["history"][2]["timeline/sha256"] == sha256(run / "timeline.png")
+        own = json.loads((run / "summary.json").read_text())
+        numbers = {k: v for k, v in own.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers.update({f"final/{k}": v for k, v in own["final"].items()})
+        assert {k: rec["summary"].get(k) for k in numbers} == numbers
+        assert numbers["final/loss"] == rows[-1]["loss"]
 
-    rows = list(csv.DictReader((sweep / "sweep.csv").open()))
-    assert [r["lambda"] for r in rows] == ["0.0", "1.0"] or [r["lambda"] for r in rows] == ["0", "1"]
-    times = {json.loads((p / "summary.json").read_text())["train_time_s"] for p in sweep.glob("[0-9]_*")}
-    assert {float(r["train_time_s"]) for r in rows} == times  # one seed per setting: the run's own number
+    (own,) = sweep.glob("wandb/offline-run-*/run-*.wandb")
+    rec = logged(own)
+    assert rec["group"] == "sweep-2026-01-01-10-00-00"
+    (table,) = [row for row in rec["history"].values() if "sweep/table/path" in row]
+    logged_table = json.loads((own.parent / "files" / table["sweep/table/path"]).read_text())
+    with (sweep / "sweep.csv").open() as fh:
+        rows = list(csv.reader(fh))
+    assert logged_table["columns"] == rows[0]
+    assert [[float(v) for v in r] for r in logged_table["data"]] == [[float(v) for v in r] for r in rows[1:]]
+    times = [json.loads((p / "summary.json").read_text())["train_time_s"] for p in runs]
+    assert [float(r[rows[0].index("train_time_s")]) for r in rows[1:]] == times  # one seed per setting: its own number
+    assert [float(r[0]) for r in rows[1:]] == [0.0, 1.0]  # lambda
 
     # eval.figures stacks the runs' timelines (one per method: both runs are `ours`, the later one is shown)
     figs = run_cli(["-m", "eval.figures", f"runs={sweep}", f"out={tmp_path / 'figures'}"], env=env)
@@ -64,7 +113,7 @@ def test_wandb_offline_sweep_is_grouped_and_logs_media(tmp_path):
     from PIL import Image
 
     stacked = Image.open(tmp_path / "figures" / "timelines.png")
-    one = Image.open(sorted(sweep.glob("[0-9]_*/timeline.png"))[-1])
+    one = Image.open(runs[-1] / "timeline.png")
     assert stacked.width == one.width and stacked.height > one.height
     assert "erasure curve: no run has probe.jsonl" in figs.stderr  # the tiny model has no probe: said, skipped
 

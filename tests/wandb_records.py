@@ -37,20 +37,3 @@ def records(path: str | Path):
             rec.ParseFromString(pending)
             yield rec
             pending = b""
-
-
-def summarise(path: str | Path) -> dict:
-    """{"group": ..., "history_keys": set, "summary_keys": set, "config_keys": set} of one offline run."""
-    out = {"group": None, "history_keys": set(), "summary_keys": set(), "config_keys": set()}
-    for rec in records(path):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            out["group"] = rec.run.run_group
-            out["config_keys"] |= {i.key for i in rec.run.config.update}
-        elif kind == "history":
-            out["history_keys"] |= {i.key or "/".join(i.nested_key) for i in rec.history.item}
-        elif kind == "summary":
-            out["summary_keys"] |= {i.key or "/".join(i.nested_key) for i in rec.summary.update}
-        elif kind == "config":
-            out["config_keys"] |= {i.key for i in rec.config.update}
-    return out
