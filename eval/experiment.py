@@ -496,9 +496,11 @@ def run_concepts(cfg: DictConfig, command: str) -> dict:
                 seed=int(cfg.seed), training_s=round(training_s, 1), trained=times, failed=failed,
                 total_s=round(time.perf_counter() - start, 1))
     write_text_atomic(out / "concepts_meta.json", to_json(meta, indent=2) + "\n")
-    title = (f"Across concepts: {len(methods)} methods x {len(concepts)} toy-world concepts (seed {int(cfg.seed)}; "
-             f"`{command}`, {meta['date'][:10]})")
+    title = f"Across concepts: {len(methods)} methods x {len(concepts)} toy-world concepts (seed {int(cfg.seed)})"
     md = concept_tables.report(data, out, title)
+    head, _, rest = md.partition("\n")  # the title line, then the command, date and machine that made the report
+    md = f"{head}\n\nMade by `{command}` on {meta['date']} ({meta['machine']}).\n{rest}"
+    write_text_atomic(out / "concepts.md", md)
     if failed:
         log.error("%d run(s) missing: %s", len(failed), "; ".join(failed.values()))
     log.info("concepts done in %.0f s (training %.0f s) -> %s/concepts.md", meta["total_s"], training_s, out)
