@@ -161,21 +161,24 @@ def test_generate_on_a_folder_that_is_no_run_is_refused(tmp_path):
         load_run(tmp_path, "cpu")
 
 
-def test_methods_are_found_in_a_checkout_that_was_never_installed(monkeypatch):
+def test_methods_are_found_in_a_checkout_that_was_never_installed():
     """No installed metadata (e.g. a GPU box running from a copy of the tree): the registry reads the same
-    entry-point table from pyproject.toml and imports those modules."""
-    import importlib.metadata
+    entry-point table from pyproject.toml and imports those modules. In a subprocess: importing the method modules
+    afresh here would leave this process with two copies of each (the registry's and the package's), and a later
+    test that patches a module's function would patch the copy the registered class does not use."""
+    import subprocess
     import sys
 
-    from erasure import registry
+    from tests.conftest import ROOT
 
-    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
-    monkeypatch.setattr(registry.METHODS, "_items", {})
-    monkeypatch.setattr(registry.METHODS, "_loaded", False)
-    for mod in ("erasure.allbutone.ours", "baselines.esd", "baselines.sdd", "baselines.ablating", "baselines.fmn",
-                "baselines.uce", "baselines.rece", "baselines.mace", "baselines.spm", "baselines.advunlearn", "baselines.salun"):
-        monkeypatch.delitem(sys.modules, mod, raising=False)
-    assert registry.available() == ["ablating", "advunlearn", "esd", "fmn", "mace", "ours", "rece", "salun", "sdd", "spm", "uce"]
+    code = ("import importlib.metadata as md\n"
+            "md.entry_points = lambda group: []\n"
+            "from erasure import registry\n"
+            "print(registry.available())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(["ablating", "advunlearn", "esd", "fmn", "mace", "ours", "rece", "salun", "sdd",
+                                      "spm", "uce"])
 
 
 def test_the_project_writes_strict_json():
