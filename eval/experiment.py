@@ -20,6 +20,7 @@ import logging
 import logging.handlers
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,10 +56,14 @@ class TrainJob:
     overrides: list[str]
     config: DictConfig  # what erasure.train composes from the overrides
 
+    resume: bool = False  # set by needs_training: the folder holds this job's unfinished run with a checkpoint
+
     @property
     def command(self) -> list[str]:
-        # the experiment decided this folder needs training (missing, unfinished, or another base): replace what is there
-        return [sys.executable, "-m", "erasure.train", *self.overrides, f"hydra.run.dir={self.run_dir}", "overwrite=true"]
+        # the experiment decided this folder needs training: continue this job's own killed run from its last
+        # checkpoint, or replace what is there (nothing, another config's run, or a run of another base)
+        where = [f"resume={self.run_dir}"] if self.resume else ["overwrite=true"]
+        return [sys.executable, "-m", "erasure.train", *self.overrides, f"hydra.run.dir={self.run_dir}", *where]
 
 
 def train_job(cfg: DictConfig, method: str, run_dir: Path, name: str, extra: list[str] = ()) -> TrainJob:
@@ -70,8 +75,9 @@ def train_job(cfg: DictConfig, method: str, run_dir: Path, name: str, extra: lis
 
     from erasure.config import compose as compose_train
 
+    every = cfg.get("checkpoint_every")  # before train_overrides, which may change it
     overrides = [*system_overrides(cfg, method), f"model={cfg.model}", f"concept={cfg.concept}",
-                 *_split(cfg.train_overrides), *_split((cfg.get("method_overrides") or {}).get(method)), *extra]
+                 *([f"trainer.checkpoint_every={int(every)}"] if every is not None else []), *_split(cfg.train_overrides), *_split((cfg.get("method_overrides") or {}).get(method)), *extra]
     try:
         config = compose_train(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -90,9 +96,33 @@ def _fingerprint(model_yaml: str) -> str:
     return load_models(OmegaConf.create(model_yaml), "cpu").fingerprint
 
 
+def same_run(job: TrainJob) -> bool:
+    """Whether the folder's saved ``config.yaml`` is the config this job would train (``resume``/``overwrite``
+    aside), compared after the same validation ``erasure.train`` applies (shortcuts copied into the method)."""
+    from erasure.config import validate
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(job.run_dir / "config.yaml"), resolve=True)
+    except Exception:  # unreadable or torn: not this job's run
+        return False
+    mine = job.config.copy()
+    validate(mine)
+    mine = OmegaConf.to_container(mine, resolve=True)
+    drop = lambda c: {k: v for k, v in c.items() if k not in ("resume", "overwrite")}  # noqa: E731
+    return drop(mine) == drop(saved)
+
+
 def needs_training(job: TrainJob, reuse: bool) -> bool:
-    """False when the run folder holds a finished run of the job's base model (``reuse``)."""
-    if not (reuse and finished(job.run_dir)):
+    """False when the run folder holds a finished run of the job's base model (``reuse``). An unfinished run of the
+    same config with a checkpoint (an experiment killed mid-training) is continued from it (``job.resume``)."""
+    from erasure.checkpoint import list_checkpoints
+
+    if not finished(job.run_dir):
+        job.resume = bool(reuse and list_checkpoints(job.run_dir) and same_run(job))
+        if job.resume:
+            log.info("continuing the unfinished run %s from its last checkpoint", job.run_dir)
+        return True
+    if not reuse:
         return True
     trained_on = json.loads((job.run_dir / "summary.json").read_text()).get("base_fingerprint")
     base = _fingerprint(OmegaConf.to_yaml(job.config.model, resolve=True))
@@ -161,7 +191,7 @@ def _train_all(todo: list[TrainJob], running: dict, n_jobs: int) -> tuple[dict, 
             job = todo.pop(0)
             job.run_dir.mkdir(parents=True, exist_ok=True)
             log.info("training %s (%d/%d): %s", job.name, total - len(todo), total, " ".join(job.command[1:]))
-            logf = open(job.run_dir / "train_stdout.log", "w")
+            logf = open(job.run_dir / "train_stdout.log", "a" if job.resume else "w")
             running[job.name] = (subprocess.Popen(job.command, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None),
                                  logf, time.perf_counter(), job.run_dir)
@@ -176,7 +206,8 @@ def _train_all(todo: list[TrainJob], running: dict, n_jobs: int) -> tuple[dict, 
                 failed[name] = (f"training '{name}' failed (exit {proc.returncode}): {' | '.join(lines[-2:])} "
                                 f"(full log: {run_dir}/train_stdout.log)")
                 log.error("%s", failed[name])
-            else:
+            else:  # the checkpoints were there to continue a killed run; the finished run is its delta
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
                 timings[name] = round(time.perf_counter() - t0, 1)
                 log.info("trained %s in %.0f s", name, timings[name])
     return timings, failed
@@ -281,8 +312,10 @@ def map_in_workers(fn, args: list, workers: int) -> list:
 
 # ------------------------------------------------------------------------------------------------- experiments
 def check_jobs(cfg: DictConfig) -> None:
-    """``jobs`` (processes at once) is a whole number of at least 1 (0 or -2 used to be taken as 1 without a word)."""
-    schema.check_keys(cfg, {"jobs": schema.at_least(1)}, "experiment")
+    """``jobs`` (processes at once) is a whole number of at least 1 (0 or -2 used to be taken as 1 without a word);
+    ``checkpoint_every`` a whole number of at least 0, or null."""
+    schema.check_keys(cfg, {"jobs": schema.at_least(1), "checkpoint_every": schema.or_null(schema.at_least(0))},
+                      "experiment")
 
 
 def run(cfg: DictConfig, command: str) -> dict:

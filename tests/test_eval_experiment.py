@@ -45,7 +45,8 @@ def _jobs(monkeypatch, name: str, overrides: list[str]):
 
 
 def test_both_experiments_build_their_commands_in_train_job(tmp_path, monkeypatch):
-    common = [sys.executable, "-m", "erasure.train", "method=ours", "model=tiny", "concept=nudity", "trainer.iterations=2",
+    common = [sys.executable, "-m", "erasure.train", "method=ours", "model=tiny", "concept=nudity",
+              "trainer.checkpoint_every=50", "trainer.iterations=2",
               "trainer.preview_every=0", "method.T=6"]
     (job,) = _jobs(monkeypatch, "experiment/table1", [*TINY, f"out={tmp_path / 't'}"])
     assert job.command == [*common, f"hydra.run.dir={tmp_path / 't' / 'runs' / 'ours'}", "overwrite=true"]
@@ -104,6 +105,37 @@ def test_train_false_trains_nothing(tmp_path, monkeypatch):
     with pytest.raises(_Stop):  # and with train=true they all go
         experiment.run(compose("experiment/results", [*TINY, f"out={tmp_path / 'r'}", "seeds=[0]"]), "t")
     assert len(handed[1]) == 7 and not (tmp_path / "r" / "table1").exists()
+
+
+def test_a_killed_experiment_continues_its_unfinished_runs_from_their_checkpoints(tmp_path):
+    """An experiment killed mid-training (the machine went down, the session ended): the rerun continues the run from
+    its last checkpoint (resume=) to the delta an uninterrupted run makes, bit for bit, and removes the checkpoints
+    once the run finished. A folder whose unfinished run has another config is trained again from scratch."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import killed_at
+
+    cfg = compose("experiment/table1", [*TINY, f"out={tmp_path}", "checkpoint_every=1",
+                                        'train_overrides="trainer.iterations=3 trainer.preview_every=0"'])
+    job = lambda folder, *extra: experiment.train_job(cfg, "ours", tmp_path / folder, folder, list(extra))  # noqa: E731
+    times, failed = experiment.run_training([job("whole")], 1, True)
+    assert not failed and not (tmp_path / "whole" / "checkpoints").exists()
+
+    killed = job("killed")
+    killed_at("erasure.train", killed.command[3:], "erasure.callbacks:save_checkpoint", 2)  # killed after step 2
+    assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step_000001"]
+    again = job("killed")
+    times, failed = experiment.run_training([again], 1, True)
+    assert not failed and again.resume and f"resume={tmp_path / 'killed'}" in again.command
+    assert "resuming" in (tmp_path / "killed" / "train.log").read_text()
+    whole, resumed = (load_file(str(tmp_path / f / "delta.safetensors")) for f in ("whole", "killed"))
+    assert whole.keys() == resumed.keys() and all(whole[k].equal(resumed[k]) for k in whole)
+    assert not (tmp_path / "killed" / "checkpoints").exists()
+
+    other = job("other", "trainer.seed=1")
+    killed_at("erasure.train", other.command[3:], "erasure.callbacks:save_checkpoint", 2)
+    same = job("other")  # seed 0: not the killed run's config
+    assert experiment.needs_training(same, True) and not same.resume and "overwrite=true" in same.command
 
 
 def test_a_bad_training_override_stops_before_any_training(tmp_path):
