@@ -7,6 +7,7 @@ It is written into a temporary folder and renamed into place, so a kill leaves t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -83,8 +84,23 @@ def _jsonable(x):
     return x
 
 
+def config_digest(run_dir: Path) -> str | None:
+    """sha256 of the run's ``config.yaml`` (recorded in each checkpoint: ``resume=`` notices an edited config)."""
+    path = Path(run_dir) / "config.yaml"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def saved_digest(path: Path) -> str | None:
+    """The ``config.yaml`` digest a checkpoint recorded (None: unreadable, or written before digests were kept)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("config_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    """Write ``payload`` (nested dicts/lists of tensors and JSON values) as checkpoint ``step``; prune old ones."""
+    """Write ``payload`` (nested dicts/lists of tensors and JSON values) as checkpoint ``step``, with the digest of
+    the run's ``config.yaml``; prune old ones."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -92,7 +108,8 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
     _split("ckpt", payload, tensors, plain)
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "tensors.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "state": plain["ckpt"]}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "state": plain["ckpt"],
+                                                    "config_sha256": config_digest(run_dir)}))
 
     final = atomic_folder(root / f"step_{step:06d}", write)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:

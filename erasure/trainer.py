@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .adapters import described
 from .callbacks import Run, create_callbacks, drop_after
-from .checkpoint import list_checkpoints, load_checkpoint
+from .checkpoint import config_digest, list_checkpoints, load_checkpoint, saved_digest
 from . import registry
 from .config import SHORTCUTS, validate
 from .delta import save_delta
@@ -58,7 +58,7 @@ def resume_conflicts(saved: DictConfig, given: DictConfig, overrides: list[str])
     conflicts = []
     for text in overrides:
         key = text.split("=", 1)[0].lstrip("+~")
-        if key in ("resume", "overwrite") or key.startswith("hydra."):
+        if key in ("resume", "resume_edited", "overwrite") or key.startswith("hydra."):
             continue
         mine, theirs = OmegaConf.select(given, key, default=None), OmegaConf.select(saved, key, default=None)
         if isinstance(mine, DictConfig) and "name" in mine:  # a group choice (method=esd): compare by name
@@ -101,6 +101,13 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = No
         given = cfg
         cfg, checkpoint = resumed_config(run_dir)
         conflicts = resume_conflicts(cfg, given, list(overrides or []))
+        recorded, now = saved_digest(checkpoint[0]), config_digest(run_dir)
+        if recorded is not None and recorded != now and not given.get("resume_edited"):
+            raise UserError(f"config.yaml of '{run_dir}' was edited after its last checkpoint: restore it, or continue "
+                            "with the edited config with resume_edited=true")
+        if recorded is not None and recorded != now:
+            log.warning("config.yaml of '%s' was edited after its last checkpoint; continuing with the edited config "
+                        "(resume_edited=true)", run_dir)
         if conflicts:
             raise UserError(f"resume= continues '{run_dir}' with its saved config, which differs from "
                             f"{', '.join(conflicts)}: drop those overrides, or train a new run with them")

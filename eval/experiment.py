@@ -108,7 +108,7 @@ def same_run(job: TrainJob) -> bool:
     mine = job.config.copy()
     validate(mine)
     mine = OmegaConf.to_container(mine, resolve=True)
-    drop = lambda c: {k: v for k, v in c.items() if k not in ("resume", "overwrite")}  # noqa: E731
+    drop = lambda c: {k: v for k, v in c.items() if k not in ("resume", "resume_edited", "overwrite")}  # noqa: E731
     return drop(mine) == drop(saved)
 
 

@@ -219,3 +219,24 @@ def test_resume_survives_a_torn_metrics_line_and_a_truncated_checkpoint_and_refu
     assert (killed / "delta.safetensors").read_bytes() == (ref / "delta.safetensors").read_bytes()
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_resume_refuses_a_config_yaml_edited_after_the_last_checkpoint_unless_told(tmp_path):
+    """Issue 20: resume= used to continue with an edited config.yaml without a word (the delta then came from two
+    configs). Each checkpoint records the digest of config.yaml; an edit is refused in one sentence, and
+    resume_edited=true continues with the edited config, saying so."""
+    killed = tmp_path / "killed"
+    killed_at("erasure.train", [*COMMON, f"hydra.run.dir={killed}"], "erasure.session:Session.step", 6)  # after step 5
+    untouched = (killed / "config.yaml").read_text()
+    cfg = OmegaConf.load(killed / "config.yaml")
+    cfg.trainer.iterations = 9
+    OmegaConf.save(cfg, killed / "config.yaml")
+    refused = run_cli(["-m", "erasure.train", f"resume={killed}"])
+    lines = [line for line in refused.stderr.strip().splitlines() if line.strip()]
+    assert refused.returncode == 2 and len(lines) == 1 and "was edited after its last checkpoint" in lines[0], refused.stderr
+    assert not (killed / "delta.safetensors").exists()
+    r = run_cli(["-m", "erasure.train", f"resume={killed}", "resume_edited=true"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "continuing with the edited config" in r.stderr + r.stdout
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10)) and untouched != (killed / "config.yaml").read_text()
