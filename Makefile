@@ -160,3 +160,13 @@ bench-gpu: ## GPU benchmark on SD v1.4's architecture with random weights (bench
 .PHONY: test-resume
 test-resume: install ## kill a run with SIGKILL at a random step, resume it, compare the deltas bit for bit
 	$(PY) -m pytest -q tests/test_resume.py -m "slow or not slow"
+
+.PHONY: mutation mutation-report
+MUTANTS ?=
+mutation: install ## mutation testing (mutmut; [tool.mutmut] in pyproject.toml) of the method files, sampling, teacher, metrics and FID against the fast tests that reach them, then the scores and survivors (CPU hours; resumable; MUTANTS="baselines.esd*" for one module)
+	$(PY) -m pip show mutmut >/dev/null 2>&1 || $(PIP) install -q -e '.[mutation]'
+	OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children $(shell nproc) $(MUTANTS)
+	$(PY) -m tests.mutation_report
+
+mutation-report: ## the scores and survivors of the mutants checked so far (make mutation)
+	$(PY) -m tests.mutation_report

@@ -156,3 +156,24 @@ def test_bench_prints_the_table_and_json_with_the_teacher_accounting(capsys):
     assert ours["arithmetic_bound"] == pytest.approx(ref / (rest + floor), rel=0.02)
     fmn = out["fmn"]  # FMN never asks the teacher, and its sampler cannot be batched
     assert fmn["teacher_rows_per_it_optimized"] == 0 and not fmn["batched"] and fmn["iterations"] == 2
+
+
+def test_teacher_counts_and_freezes_both_its_unet_and_text_encoder_copies():
+    """The teacher's size (reported beside the student's in the bench and the run log) is its frozen UNet tensors
+    plus its frozen text-encoder tensors, counted by hand here; the copies do not follow the student's later steps."""
+    from erasure.models import load_models
+    from erasure.teacher import Teacher
+
+    models = load_models(compose_cfg(["model=tiny"]).model, "cpu")
+    unet = dict(models.unet.named_parameters())
+    text = dict(models.text_encoder.named_parameters())
+    chosen_unet, chosen_text = list(unet)[:3], list(text)[:2]
+    trainable = {**{n: unet[n] for n in chosen_unet}, **{f"text_encoder.{n}": text[n] for n in chosen_text}}
+    teacher = Teacher(models.unet, trainable, text_encoder=models.text_encoder)
+    assert teacher.numel() == sum(unet[n].numel() for n in chosen_unet) + sum(text[n].numel() for n in chosen_text)
+    assert set(teacher.params) == set(chosen_unet) and set(teacher.text_params) == set(chosen_text)
+    with torch.no_grad():
+        unet[chosen_unet[0]].add_(1.0)
+    assert not teacher.params[chosen_unet[0]].equal(unet[chosen_unet[0]])
+    with pytest.raises(ValueError, match="need the text encoder"):
+        Teacher(models.unet, trainable)
