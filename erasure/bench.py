@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import resource
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import registry
+from . import registry, schema
 from .adapters import is_adapter_parameter
 from .cli import setup_logging
 from .config import CONF_DIR, compose
@@ -208,6 +209,19 @@ def time_generation(models, n: int, batch: int, steps: int) -> dict:
     return dict(plain_images_per_s=plain, batched_images_per_s=batched, ratio=batched / plain, batch=batch, images=n)
 
 
+@dataclasses.dataclass
+class BenchOptions:
+    """The numbers ``erasure.bench`` takes (null = the default its help names); ranges from :mod:`erasure.schema`."""
+
+    iterations: int | None = dataclasses.field(default=None, metadata={"rule": schema.or_null(schema.at_least(1))})
+    reference_iterations: int | None = dataclasses.field(default=None,  # 0 = the optimized mode only
+                                                         metadata={"rule": schema.or_null(schema.at_least(0))})
+    baseline_iterations: int | None = dataclasses.field(default=None, metadata={"rule": schema.or_null(schema.at_least(1))})
+    teacher_batch: int | None = dataclasses.field(default=None, metadata={"rule": schema.or_null(schema.at_least(1))})
+    generation_images: int | None = dataclasses.field(default=None, metadata={"rule": schema.or_null(schema.at_least(1))})
+    device: str = "auto"
+
+
 @exit_on_user_error
 def main(argv: list[str]) -> dict:
     setup_logging()
@@ -231,6 +245,7 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--precision-check", action="store_true",
                     help="GPU: relative error of the teacher's epsilon in autocast and pure low precision vs float32")
     args = ap.parse_args(argv)
+    schema.check(BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)}), "bench")
     model = args.model.replace("-", "_")
     methods = args.methods.split(",") if args.methods else registry.available()
     its = args.iterations or (40 if args.quick else 200)

@@ -27,6 +27,7 @@ The work is done by :mod:`erasure.allbutone.purify` (from Python: ``purify_image
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -39,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from .allbutone.purify import DEFAULT_STEPS, fit_to_resolution, purify_images
 from .cli import parse_options, setup_logging
 from .delta import check_run_folder, load_run
+from . import schema
 from .errors import UserError, exit_on_user_error
 from .images import grid, save_png
 
@@ -106,18 +108,34 @@ def _number(args, key: str, kind, default):
     return number
 
 
+@dataclasses.dataclass
+class PurifyOptions:
+    """The numbers ``erasure.purify`` takes; each key's range comes from :mod:`erasure.schema` (checked before the
+    run folder's model loads)."""
+
+    steps: int = dataclasses.field(default=DEFAULT_STEPS, metadata={"rule": schema.at_least(1)})  # DDIM steps each way
+    guidance: float = 1.0  # classifier-free guidance of the inversion
+    regen_guidance: float = 1.0  # and of the regeneration
+    batch_size: int = 16
+    device: str = "auto"
+
+
 @exit_on_user_error
 def main(argv: list[str]) -> dict:
     setup_logging()
     args = parse_options(argv, OPTIONS, USAGE, lambda a: "run" in a and "image" in a)
     base = _flag(args.get("base", False))
     prompt = "" if args.get("prompt") is None else str(args.get("prompt"))
-    paths = find_images(args.image)
-    cfg = check_run_folder(args.run, base)
-    steps = _number(args, "steps", int, int(cfg.model.get("sample_steps") or DEFAULT_STEPS))
+    steps = _number(args, "steps", int, None)  # None: the run's model's sample_steps
     guidance = _number(args, "guidance", float, 1.0)
     regen_guidance = _number(args, "regen_guidance", float, guidance)
     batch_size = _number(args, "batch_size", int, 16)
+    schema.check(PurifyOptions(DEFAULT_STEPS if steps is None else steps, guidance, regen_guidance, batch_size,
+                               str(args.get("device", "auto"))), "purify")  # the numbers first, then the files
+    paths = find_images(args.image)
+    cfg = check_run_folder(args.run, base)
+    if steps is None:
+        steps = int(cfg.model.get("sample_steps") or DEFAULT_STEPS)
     pictures = [read_image(p) for p in paths]
 
     _, models = load_run(args.run, str(args.get("device", "auto")), base)

@@ -21,8 +21,16 @@ KEYS = [(g if g in ("trainer", "model") else "method", "ours" if g in ("trainer"
         for g, cls in SCHEMAS.items() for name, f, tp in schema.fields(cls) if schema.rule_for(f, tp) is not None]
 
 
+def _entry_point_options() -> dict:
+    from erasure.bench import BenchOptions
+    from erasure.purify import PurifyOptions
+
+    return {"bench": BenchOptions, "purify": PurifyOptions}
+
+
 def test_every_numeric_field_of_every_schema_has_a_named_range():
-    unnamed = [f"{g}.{name}" for g, cls in SCHEMAS.items() for name, f, tp in schema.fields(cls)
+    unnamed = [f"{g}.{name}" for g, cls in {**SCHEMAS, **_entry_point_options()}.items()
+               for name, f, tp in schema.fields(cls)
                if schema.kind(tp) in ("int", "float", "pair", "list") and not schema.named_rule(f, tp)]
     assert unnamed == []
     assert len(KEYS) >= 140  # the fuzz below draws from all of them
@@ -111,3 +119,21 @@ def test_every_key_refuses_what_its_range_refuses_in_one_sentence(index, text):
         return
     if value is not WRONG and rule.ok(value):
         return  # within the range, refused for another reason (e.g. a closed-form method's one iteration)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-m", "erasure.bench", "--model", "tiny", "--iterations", "-3"], "bench.iterations must be at least 1"),
+    (["-m", "erasure.bench", "--model", "tiny", "--reference-iterations", "-1"], "bench.reference_iterations must be at least 0"),
+    (["-m", "erasure.bench", "--model", "tiny", "--device", "tpu"], "bench.device must be auto, cpu, cuda"),
+    (["-m", "erasure.purify", "run=nosuch", "image=nosuch", "guidance=nan"], "purify.guidance must be a finite number, got nan"),
+    (["-m", "erasure.purify", "run=nosuch", "image=nosuch", "regen_guidance=inf"], "purify.regen_guidance must be a finite"),
+    (["-m", "erasure.purify", "run=nosuch", "image=nosuch", "device=gpu"], "purify.device must be auto, cpu"),
+])
+def test_bench_and_purify_check_their_numbers_before_loading_anything(args, words):
+    """Issue 20: `erasure.bench --iterations -3` and `erasure.purify guidance=nan` used to run (or fail deep inside);
+    their numbers now have ranges in erasure/schema.py, checked first: one line, exit 2."""
+    from tests.conftest import run_cli
+
+    proc = run_cli(args)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr[-1500:]
