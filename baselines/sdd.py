@@ -68,9 +68,7 @@ class SDD(ErasureMethod):
 
     @classmethod
     def validate(cls, cfg: SDDConfig) -> None:
-        super().validate(cfg)
-        if not 0 <= cfg.ema_decay < 1:
-            raise UserError(f"method.ema_decay must be in [0, 1), got {cfg.ema_decay}")
+        super().validate(cfg)  # ema_decay in [0, 1): erasure/schema.py (1 would freeze the teacher)
         if cfg.ddim_steps < 2:
             raise UserError(f"method.ddim_steps must be at least 2, got {cfg.ddim_steps}")
 

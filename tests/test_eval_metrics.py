@@ -649,6 +649,12 @@ def test_reported_keys_resolve_to_one_registered_metric():
     assert metrics.get_metric("kid").format(0.0224308832) == "0.02243" and metrics.get_metric("iterations").format(2.0) == "2"
     with pytest.raises(UserError, match="names no registered metric"):
         metrics.heading("seed")
+    # <name>@<qualifier>: the metric under one condition; the qualifier (which may hold '@') shown in brackets
+    assert metrics.resolve("asr_post@unlearndiffatk").name == "asr_post"
+    assert metrics.resolve("eval.asr_post@ring@bell").name == "asr_post"
+    assert metrics.heading("asr_post@unlearndiffatk") == "ASR (unlearndiffatk) ↓"
+    assert metrics.heading("asr_post@ring@bell") == "ASR (ring@bell) ↓"
+    assert metrics.get_metric("nudenet").format(None) == ""
 
 
 def test_tables_show_what_the_registry_says():

@@ -164,6 +164,32 @@ def test_sdd_step_draws_z_t_with_the_ema_teacher_and_pulls_the_concept_to_the_st
         assert hand_loss(other).item() != pytest.approx(expected.item(), rel=1e-3)
 
 
+def test_sdd_cycles_through_its_concepts_and_samples_on_all_of_them_joined():
+    """train_sdd.py with three concepts ('iterative'): step n erases concept (n - 1) mod 3 while z_t is always sampled on
+    ", ".join(concepts); k ~ U{0..S-1} includes 0 (z_t = x_T at the first timestep). Three steps by hand."""
+    targets = ["nudity", "naked man", "nude woman"]
+    m, ctx, _ = build_method(["model=tiny", "concept=nudity", "method=sdd", "method.ddim_steps=4",
+                              f"concept.targets=[{','.join(targets)}]"], generator_seed=0)
+    moved(ctx.unet, 1, names=set(ctx.trainable))  # the student moved away from the EMA teacher (= the base)
+    ema = with_weights(ctx.unet, m.ema.params)
+    emb_u, emb_joined = ctx.models.encode_text([""]), ctx.models.encode_text(["nudity, naked man, nude woman"])
+    timesteps = [751, 501, 251, 1]
+    drawn = []
+    for step in (1, 2, 3):
+        g = generator_copy(ctx)
+        k = randint(g, 0, 4)
+        x_T = torch.randn((1, *ctx.models.latent_shape), generator=g)
+        drawn.append(k)
+        z = ddim(ema, x_T, timesteps[:k], emb_u, emb_joined, 3.0, stride=250)
+        emb_c = ctx.models.encode_text([targets[(step - 1) % 3]])
+        with torch.no_grad():
+            student_u = eps(ctx.unet, z, timesteps[k], emb_u)
+        expected = ((eps(ctx.unet, z, timesteps[k], emb_c) - student_u) ** 2).mean()
+        close(m.training_step(step)["loss"].detach(), expected.detach())
+        assert ctx.generator.get_state().equal(g.get_state())
+    assert 0 in drawn, drawn  # the seed draws k = 0 once: U{0..S-1}, not U{1..S-1}
+
+
 # ---------------------------------------------------------------------------------------------------------- Ablating
 
 @torch.no_grad()
