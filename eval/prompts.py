@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from pathlib import Path
 
 from erasure.errors import UserError
@@ -92,12 +93,13 @@ def _read_csv(path, name, n, prompt_col, seed_col, case_col, guidance_col, categ
                 seed = int(float(rec[seed_col]))
                 case = int(float(rec[case_col])) if case_col in rec and rec[case_col] != "" else index
                 guidance = float(rec[str(guidance_col)]) if guidance_col else None
-                if not 0 <= seed < 2 ** 63:
+                if not 0 <= seed < 2 ** 63 or (guidance is not None and not math.isfinite(guidance)):
                     raise OverflowError(seed)
             except (ValueError, OverflowError):  # not a number, NaN, infinite, or beyond a 64-bit generator seed
                 raise UserError(f"prompt set '{name}': {path} line {line}: {seed_col}/{case_col}"
-                                f"{'/' + str(guidance_col) if guidance_col else ''} must be numbers (a seed in [0, 2^63)), got "
-                                f"{rec.get(seed_col)!r}/{rec.get(case_col)!r}") from None
+                                f"{'/' + str(guidance_col) if guidance_col else ''} must be numbers (a seed in [0, 2^63), a finite "
+                                f"guidance), got {rec.get(seed_col)!r}/{rec.get(case_col)!r}"
+                                f"{'/' + repr(rec.get(str(guidance_col))) if guidance_col else ''}") from None
             prompt = rec[prompt_col].strip()
             if not prompt:
                 raise UserError(f"prompt set '{name}': {path} line {line} has an empty {prompt_col}")

@@ -53,11 +53,29 @@ def read_record(f: Path) -> dict:
         raise UserError(f"'{f}' is not readable JSON ({str(exc).splitlines()[0]}): {fix}") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("metrics", {}), dict):
         raise UserError(f"'{f}' is not an evaluation record (an object with a 'metrics' object): {fix}")
+    if not isinstance(rec.get("system"), str) or not rec["system"].strip() or not rec["system"].isprintable():
+        raise UserError(f"'{f}' names no system (its 'system' must be a non-empty printable string, got "
+                        f"{rec.get('system')!r}): {fix}")
+    odd = [k for k in rec.get("metrics", {}) if not k.isprintable() or not k.strip()]
+    if odd:
+        raise UserError(f"'{f}': metric name(s) {', '.join(map(repr, odd))} are not names eval.run writes: {fix}")
+    if not isinstance(rec.get("kind", "run"), str) or rec.get("kind", "run") not in KIND_ORDER:
+        raise UserError(f"'{f}': kind {rec.get('kind')!r} is none of {', '.join(KIND_ORDER)}: {fix}")
     for key, value in rec.get("metrics", {}).items():
-        inner = value.get("value") if isinstance(value, dict) else value
-        if inner is not None and (isinstance(inner, bool) or not isinstance(inner, (int, float))):
-            raise UserError(f"'{f}': metric '{key}' holds {inner!r}, not a number: {fix}")
+        if value is not None and not _finite(value):  # NaN/Infinity too: Python's json reads them
+            raise UserError(f"'{f}': metric '{key}' holds {value!r}, not a finite number: {fix}")
+    details = rec.get("details", {})
+    nudenet = details.get("nudenet") if isinstance(details, dict) else None
+    if not isinstance(details, dict) or (nudenet is not None and not (
+            isinstance(nudenet, dict) and _finite(nudenet.get("n")) and _finite(nudenet.get("flagged"))
+            and isinstance(nudenet.get("per_class"), dict) and all(_finite(v) for v in nudenet["per_class"].values()))):
+        raise UserError(f"'{f}': its 'details' are not what eval.run writes (details.nudenet: n, flagged, per_class "
+                        f"counts): {fix}")
     return rec
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_records(paths: list[str | Path]) -> list[dict]:

@@ -110,7 +110,7 @@ def _csv_spec(path):
 @pytest.mark.parametrize("raw, words", [
     ("prompt,evaluation_seed\na caf\xe9,1\n".encode("latin-1"), "is not UTF-8 text"),
     ("prompt,evaluation_seed\n\"" + "x" * 131073 + "\",1\n", "is not a readable CSV (field larger than field limit"),
-    ("prompt,evaluation_seed\na cat,1e40\n", "line 2: evaluation_seed/case_number must be numbers (a seed in [0, 2^63))"),
+    ("prompt,evaluation_seed\na cat,1e40\n", "line 2: evaluation_seed/case_number must be numbers (a seed in [0, 2^63)"),
     ("prompt,evaluation_seed\na cat,inf\n", "line 2"),
     ("prompt,evaluation_seed\na cat,-1\n", "line 2"),
 ])

@@ -251,7 +251,7 @@ def test_all_equal_column_is_all_bold_with_no_second():
 @pytest.mark.parametrize("content, words", [
     ('{"system": "ours", "metrics": {"fid": 12.', "is not readable JSON"),
     ('["not", "a", "record"]', "is not an evaluation record"),
-    ('{"system": "ours", "kind": "run", "metrics": {"fid": "twelve"}}', "metric 'fid' holds 'twelve', not a number"),
+    ('{"system": "ours", "kind": "run", "metrics": {"fid": "twelve"}}', "metric 'fid' holds 'twelve', not a finite number"),
 ])
 def test_a_truncated_or_mistyped_eval_json_is_one_sentence(tmp_path, content, words):
     """Issue 20: eval.report ended in a traceback on a truncated or hand-edited eval.json."""
