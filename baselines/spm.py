@@ -251,8 +251,8 @@ class SPM(AdapterMethod):
         if cfg.la_strength < 0 or cfg.lr_warmup_steps < 0 or cfg.lr_scheduler_num_cycles < 1:
             raise UserError("method.la_strength and method.lr_warmup_steps must be >= 0 and "
                             "method.lr_scheduler_num_cycles >= 1")
-        low, high = cfg.anchor_scale
-        if not 0 < low <= high:
+        scale = list(cfg.anchor_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
             raise UserError(f"method.anchor_scale must be [low, high] with 0 < low <= high, got {list(cfg.anchor_scale)}")
         if not cfg.transport_power > 0:
             raise UserError(f"method.transport_power must be > 0, got {cfg.transport_power}")

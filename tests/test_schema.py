@@ -102,9 +102,23 @@ def as_kind(value, kind: str, nullable: bool):
     return value if isinstance(value, str) else WRONG
 
 
+FUZZ_ARGS = (st.sampled_from(range(len(KEYS))), st.sampled_from(TEXTS))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(range(len(KEYS))), st.sampled_from(TEXTS))
+@given(*FUZZ_ARGS)
 def test_every_key_refuses_what_its_range_refuses_in_one_sentence(index, text):
+    _refused_or_in_range(index, text)
+
+
+@pytest.mark.slow
+def test_every_key_refuses_what_its_range_refuses_in_one_sentence_more():
+    """make test-slow: 600 (key, text) pairs instead of 60."""
+    settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
+        given(*FUZZ_ARGS)(_refused_or_in_range))()
+
+
+def _refused_or_in_range(index, text):
     group, method, name, field, tp = KEYS[index]
     rule = schema.rule_for(field, tp)
     nullable = "None" in str(tp) or "Optional" in str(tp)
