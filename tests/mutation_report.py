@@ -92,7 +92,7 @@ def collect(root: Path = ROOT) -> dict[str, dict]:
         meta_path = root / "mutants" / f"{rel}.meta"
         mutated = root / "mutants" / rel
         if not meta_path.is_file() or not mutated.is_file():
-            out[rel] = dict(total=0, checked=0, killed=0, survived=[], message=[], other=0)
+            out[rel] = dict(total=0, checked=0, killed=0, survived=[], message=[], other=0, untested=0)
             continue
         meta = json.loads(meta_path.read_text())
         codes = meta.get("exit_code_by_key", {})
@@ -100,7 +100,7 @@ def collect(root: Path = ROOT) -> dict[str, dict]:
         functions = _functions(ast.parse(source))
         lines = source.splitlines()
         total = sum(1 for name in functions if "__mutmut_" in name and not name.endswith("__mutmut_orig"))
-        row = dict(total=total, checked=0, killed=0, survived=[], message=[], other=0)
+        row = dict(total=total, checked=0, killed=0, survived=[], message=[], other=0, untested=0)
         for key, code in sorted(codes.items()):
             if code is None:
                 continue
@@ -108,7 +108,9 @@ def collect(root: Path = ROOT) -> dict[str, dict]:
             if code in KILLED:
                 row["killed"] += 1
                 continue
-            if code != 0:  # no tests reach it, segfault, suspicious: a survivor of its own kind
+            if code in (5, 33):  # no selected test reaches the function (e.g. only a subprocess calls it)
+                row["untested"] += 1
+            elif code != 0:  # segfault, suspicious: a survivor of its own kind
                 row["other"] += 1
             name = key.rsplit(".", 1)[-1]
             orig = functions.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
@@ -127,17 +129,18 @@ def score(row: dict) -> float | None:
 
 
 def report(data: dict[str, dict], markdown: bool) -> str:
-    head = "| module | mutants | checked | killed | survived | message-only | score |\n|---|---:|---:|---:|---:|---:|---:|"
+    head = ("| module | mutants | checked | killed | survived | of them untested | message-only | score |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for rel, row in data.items():
         s = score(row)
-        rows.append(f"| `{rel}` | {row['total']} | {row['checked']} | {row['killed']} | {len(row['survived'])} | "
+        rows.append(f"| `{rel}` | {row['total']} | {row['checked']} | {row['killed']} | {len(row['survived'])} | {row['untested']} | "
                     f"{len(row['message'])} | {'—' if s is None else f'{100 * s:.1f}%'} |")
     text = "\n".join([head, *rows])
     survivors = [(rel, key, code, line) for rel, row in data.items() for key, code, line in row["survived"]]
     if survivors:
         text += "\n\nSurviving mutants (module, mutant, exit code, the line it changed):\n"
-        text += "\n".join(f"- `{key}` ({'survived' if code == 0 else f'exit {code}'}): `{line}`"
+        text += "\n".join(f"- `{key}` ({'survived' if code == 0 else 'no test reaches it' if code in (5, 33) else f'exit {code}'}): `{line}`"
                           for rel, key, code, line in survivors)
     return text if markdown else text.replace("`", "")
 

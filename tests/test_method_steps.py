@@ -388,3 +388,49 @@ def test_optimizer_settings_reach_adamw_and_two_updates_match_a_hand_adamw_with_
         torch.testing.assert_close(p.detach().double(), expected[n], rtol=0, atol=1e-6)
         moved_any |= not torch.equal(p.detach(), start[n])
     assert moved_any
+
+
+# ------------------------------------------------------------------------------------------------ method state
+@pytest.mark.parametrize("method", ["sdd", "ablating", "fmn"])
+def test_a_method_restored_from_its_checkpointed_state_takes_the_same_next_step(method, tmp_path):
+    """In-process resume of one method (the resume tests run erasure.train in a subprocess, which mutation testing
+    cannot trace): after a step, its state_dict goes through a checkpoint on disk into a fresh method (same weights,
+    same generator state), which then holds what the original holds (SDD's EMA teacher, Ablating's anchor order and
+    numpy generator, FMN's image order; a fresh method does not) and takes the same next step."""
+    from erasure.checkpoint import load_checkpoint, save_checkpoint
+
+    extra = {"ablating": ["method.num_anchor_images=12"], "fmn": [], "sdd": ["method.ddim_steps=4", "method.ema_decay=0.5"]}[method]
+    overrides = ["model=tiny", "concept=nudity", f"method={method}", *extra]
+    a, ctx_a, _ = build_method(overrides, generator_seed=3)
+    loss = a.training_step(1)["loss"]
+    loss.backward()
+    with torch.no_grad():
+        for p in ctx_a.trainable.values():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad.sign())
+                p.grad = None
+    a.after_step(1)
+    save_checkpoint(tmp_path, 1, {"method": a.state_dict()}, keep=1)
+    _, state = load_checkpoint(tmp_path / "checkpoints" / "step_000001")
+
+    def fresh(restore: bool):
+        b, ctx_b, _ = build_method(overrides, generator_seed=3)
+        with torch.no_grad():
+            for name, p in ctx_b.trainable.items():
+                p.copy_(ctx_a.trainable[name])
+        ctx_b.generator.set_state(ctx_a.generator.get_state())
+        if restore:
+            b.load_state_dict(state["method"])
+        return b
+
+    def kept(m):  # the state each method carries between steps
+        if method == "sdd":
+            return {k: v.clone() for k, v in m.ema.params.items()}
+        return {"order": list(m._order), **({"rng": m.rng.bit_generator.state} if method == "ablating" else {})}
+
+    def same(x, y):
+        return x.keys() == y.keys() and all(v.equal(y[k]) if torch.is_tensor(v) else v == y[k] for k, v in x.items())
+
+    restored, unrestored = fresh(True), fresh(False)
+    assert same(kept(restored), kept(a)) and not same(kept(unrestored), kept(a))
+    assert restored.training_step(2)["loss"].item() == a.training_step(2)["loss"].item()
