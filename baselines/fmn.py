@@ -105,31 +105,30 @@ class AttentionRecorder:
 
 class CapturingAttnProcessor:
     """A diffusers attention processor (the plain, non-fused computation of ``AttnProcessor``) that hands the
-    attention probabilities to a recorder."""
+    attention probabilities to a recorder. Only what Stable Diffusion's transformer cross-attention uses is computed;
+    an attention layer with any other option (spatial or group norm, cross norm, a residual inside the layer, an
+    output rescale, a mask, no context) is refused rather than half-supported."""
 
     def __init__(self, recorder: AttentionRecorder):
         self.recorder = recorder
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
-            raise UserError("Forget-Me-Not's attention capture supports Stable Diffusion's transformer cross-attention only")
-        residual = hidden_states
-        batch_size = hidden_states.shape[0]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch_size)
+        unsupported = {"spatial_norm": attn.spatial_norm is not None, "group_norm": attn.group_norm is not None,
+                       "norm_cross": bool(attn.norm_cross), "residual_connection": bool(attn.residual_connection),
+                       "rescale_output_factor": attn.rescale_output_factor != 1.0,
+                       "attention_mask": attention_mask is not None, "self-attention": encoder_hidden_states is None,
+                       "4-d hidden states": hidden_states.ndim != 3}
+        if any(unsupported.values()):
+            raise UserError("Forget-Me-Not's attention capture supports Stable Diffusion's transformer cross-attention "
+                            f"only, not {', '.join(k for k, v in unsupported.items() if v)}")
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, attention_mask)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, None)
         if self.recorder.active:
             self.recorder.probs.append(probs)
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 @register("fmn")
@@ -139,9 +138,7 @@ class ForgetMeNot(ErasureMethod):
 
     @classmethod
     def validate(cls, cfg: FMNConfig) -> None:
-        super().validate(cfg)
-        if cfg.num_reference_images < 1:
-            raise UserError(f"method.num_reference_images must be at least 1, got {cfg.num_reference_images}")
+        super().validate(cfg)  # num_reference_images >= 1: erasure/schema.py
 
     @classmethod
     def validate_concept(cls, concept) -> None:

@@ -338,3 +338,41 @@ def test_sdd_needs_at_least_two_ddim_steps(steps, ok):
     else:
         with pytest.raises(UserError, match="method.ddim_steps must be at least 2"):
             precheck_train_args(argv)
+
+
+@pytest.mark.parametrize("option, words", [
+    ({"residual_connection": True}, "residual_connection"), ({"rescale_output_factor": 2.0}, "rescale_output_factor"),
+    ({"cross_attention_norm": "layer_norm"}, "norm_cross"), ({"spatial_norm_dim": 8}, "spatial_norm"),
+    ({"norm_num_groups": 4}, "group_norm"), ("mask", "attention_mask"), ("self", "self-attention")])
+def test_fmn_capture_refuses_attention_options_stable_diffusion_does_not_use(option, words):
+    """The capture computes SD's cross-attention (no norm, residual, rescale or mask inside the layer) and names any
+    other option instead of computing it half-way; on SD's own layers it equals diffusers' AttnProcessor (above)."""
+    from diffusers.models.attention_processor import Attention
+
+    from baselines.fmn import AttentionRecorder, CapturingAttnProcessor
+    from erasure.errors import UserError
+
+    kwargs = option if isinstance(option, dict) else {}
+    attn = Attention(32, cross_attention_dim=12, heads=2, dim_head=16, **kwargs)
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 7, 12)
+    temb = torch.randn(2, 8) if "spatial_norm_dim" in kwargs else None
+    call = dict(encoder_hidden_states=None if option == "self" else ctx,
+                attention_mask=torch.zeros(2, 1, 7) if option == "mask" else None)
+    with pytest.raises(UserError, match=words):
+        CapturingAttnProcessor(AttentionRecorder())(attn, x, temb=temb, **call)
+    plain = Attention(32, cross_attention_dim=12, heads=2, dim_head=16)
+    recorder = AttentionRecorder()
+    recorder.active = True
+    out = CapturingAttnProcessor(recorder)(plain, x, encoder_hidden_states=ctx)
+    torch.testing.assert_close(out, plain(x, encoder_hidden_states=ctx))
+    assert recorder.probs[0].shape == (4, 5, 7)
+
+
+def test_fmn_reads_the_concepts_own_section():
+    """circle.yaml's fmn: section (text, type, reference prompts) is what FMN trains from; without one, the first
+    target and the object template (train_attn.py, ForgetMeNotDataset)."""
+    m, ctx, cfg = build_method(["model=tiny", "concept=circle", "method=fmn", "method.num_reference_images=1",
+                                "concept.fmn.text=circle", "concept.fmn.type=style"])
+    assert m.concept_text == "circle" and m.prompt == "a photo in the style of circle"
+    m2, _, _ = build_method(["model=tiny", "concept=nudity", "method=fmn", "method.num_reference_images=1"])
+    assert m2.concept_text == "nudity" and m2.prompt == "a photo of nudity" and len(m2.latents) == 1
