@@ -105,9 +105,7 @@ class Ablating(ErasureMethod):
 
     @classmethod
     def validate(cls, cfg: AblatingConfig) -> None:
-        super().validate(cfg)
-        if cfg.batch_size < 1 or cfg.num_anchor_images < 1:
-            raise UserError("method.batch_size and method.num_anchor_images must be at least 1")
+        super().validate(cfg)  # batch_size, num_anchor_images >= 1: erasure/schema.py
         if cfg.prior_loss_weight < 0:
             raise UserError(f"method.prior_loss_weight must be >= 0, got {cfg.prior_loss_weight}")
 
@@ -174,8 +172,8 @@ class Ablating(ErasureMethod):
             pidx = [self._next_index() for _ in range(cfg.batch_size)]
             zp, noise_p, tp = self._noised(pidx)
             emb_p = self._embed([self.anchor_prompts[i] for i in pidx])
-            pred, pred_prior = student_eps(ctx.unet, torch.cat([z, zp]), torch.cat([t, tp]),
-                                           torch.cat([emb_caption, emb_p])).chunk(2)
+            both = student_eps(ctx.unet, torch.cat([z, zp]), torch.cat([t, tp]), torch.cat([emb_caption, emb_p]))
+            pred, pred_prior = both[:len(idx)], both[len(idx):]
         else:
             pred, pred_prior, noise_p = student_eps(ctx.unet, z, t, emb_caption), None, None
         ablation, prior = ablation_and_prior(pred, anchor_target, pred_prior, noise_p)

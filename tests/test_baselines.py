@@ -376,3 +376,23 @@ def test_fmn_reads_the_concepts_own_section():
     assert m.concept_text == "circle" and m.prompt == "a photo in the style of circle"
     m2, _, _ = build_method(["model=tiny", "concept=nudity", "method=fmn", "method.num_reference_images=1"])
     assert m2.concept_text == "nudity" and m2.prompt == "a photo of nudity" and len(m2.latents) == 1
+
+
+@pytest.mark.parametrize("overrides, mode", [([], "caption"), (["concept.ablating.mode=style"], "style"),
+                                             (["~concept.ablating.mode"], "caption")])
+def test_ablating_reads_its_mode_from_the_concept(overrides, mode):
+    m, _, _ = build_method(["model=tiny", "concept=nudity", "method=ablating", "method.num_anchor_images=1",
+                            "method.anchor_steps=1", *overrides])
+    assert m.mode == mode
+
+
+@pytest.mark.parametrize("override, words", [
+    ("concept.ablating.captions=[]", "has no Ablating Concepts data"),
+    ("concept.ablating.anchor_prompts=[]", "has no Ablating Concepts data"),
+    ("concept.ablating.mode=painting", "concept.ablating.mode must be one of")])
+def test_ablating_refuses_a_concept_without_its_data(override, words):
+    from erasure.cli import precheck_train_args
+    from erasure.errors import UserError
+
+    with pytest.raises(UserError, match=words):
+        precheck_train_args(["model=tiny", "concept=nudity", "method=ablating", override])
