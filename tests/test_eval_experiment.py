@@ -107,7 +107,7 @@ def test_train_false_trains_nothing(tmp_path, monkeypatch):
     assert len(handed[1]) == 7 and not (tmp_path / "r" / "table1").exists()
 
 
-def test_a_killed_experiment_continues_its_unfinished_runs_from_their_checkpoints(tmp_path):
+def test_a_killed_experiment_continues_its_unfinished_runs_from_their_checkpoints(tmp_path, monkeypatch):
     """An experiment killed mid-training (the machine went down, the session ended): the rerun continues the run from
     its last checkpoint (resume=) to the delta an uninterrupted run makes, bit for bit, and removes the checkpoints
     once the run finished. A folder whose unfinished run has another config is trained again from scratch."""
@@ -115,6 +115,7 @@ def test_a_killed_experiment_continues_its_unfinished_runs_from_their_checkpoint
 
     from tests.conftest import killed_at
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # every part on one thread, as killed_at's (bit-identity is per thread count)
     cfg = compose("experiment/table1", [*TINY, f"out={tmp_path}", "checkpoint_every=1",
                                         'train_overrides="trainer.iterations=3 trainer.preview_every=0"'])
     job = lambda folder, *extra: experiment.train_job(cfg, "ours", tmp_path / folder, folder, list(extra))  # noqa: E731
