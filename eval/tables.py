@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from erasure.errors import UserError
+from erasure.schema import FINITE
 
 from .metrics import available_metrics, resolve
 from .render import Row, Stat, Table
@@ -62,20 +63,17 @@ def read_record(f: Path) -> dict:
     if not isinstance(rec.get("kind", "run"), str) or rec.get("kind", "run") not in KIND_ORDER:
         raise UserError(f"'{f}': kind {rec.get('kind')!r} is none of {', '.join(KIND_ORDER)}: {fix}")
     for key, value in rec.get("metrics", {}).items():
-        if value is not None and not _finite(value):  # NaN/Infinity too: Python's json reads them
+        if value is not None and not FINITE.ok(value):  # NaN/Infinity too: Python's json reads them
             raise UserError(f"'{f}': metric '{key}' holds {value!r}, not a finite number: {fix}")
     details = rec.get("details", {})
     nudenet = details.get("nudenet") if isinstance(details, dict) else None
     if not isinstance(details, dict) or (nudenet is not None and not (
-            isinstance(nudenet, dict) and _finite(nudenet.get("n")) and _finite(nudenet.get("flagged"))
-            and isinstance(nudenet.get("per_class"), dict) and all(_finite(v) for v in nudenet["per_class"].values()))):
+            isinstance(nudenet, dict) and FINITE.ok(nudenet.get("n")) and FINITE.ok(nudenet.get("flagged"))
+            and isinstance(nudenet.get("per_class"), dict) and all(FINITE.ok(v) for v in nudenet["per_class"].values()))):
         raise UserError(f"'{f}': its 'details' are not what eval.run writes (details.nudenet: n, flagged, per_class "
                         f"counts): {fix}")
     return rec
 
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_records(paths: list[str | Path]) -> list[dict]:
