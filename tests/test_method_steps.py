@@ -434,3 +434,50 @@ def test_a_method_restored_from_its_checkpointed_state_takes_the_same_next_step(
     restored, unrestored = fresh(True), fresh(False)
     assert same(kept(restored), kept(a)) and not same(kept(unrestored), kept(a))
     assert restored.training_step(2)["loss"].item() == a.training_step(2)["loss"].item()
+
+
+# whole-session resume in-process, for the methods whose state holds more than an order: AdvUnlearn (word, attack
+# round, unseen retain prompts, the adversarial prompt warm-starting the next attack; retain_train iter's follow-up
+# step) and robust All-but-One (the attack counter and each target's adversarial prompt)
+SESSION_STATE = {
+    "advunlearn": (["concept=circle", "method=advunlearn", "method.ddim_steps=4", "method.attack_step=2",
+                    "method.warmup_iter=1", "method.retain_batch=3"], 2),
+    "ours_adversarial": (["concept=circle", "method=ours", "method.T=4", "method.adversarial=true",
+                          "method.adv_steps=2", "method.adv_warmup=1", "method.adv_every=2"], 2),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SESSION_STATE))
+def test_a_session_restored_from_a_checkpoint_on_disk_takes_the_same_next_step(method, tmp_path):
+    """Session.state after ``k`` steps, through a checkpoint on disk, into a fresh session: its next step gives the same
+    loss terms and the same weights as the original's next step. A session restored with everything but the method's
+    own state (a fresh method's state_dict in its place) does not: the test sees what the method keeps."""
+    from erasure.checkpoint import load_checkpoint, save_checkpoint
+    from erasure.config import validate
+    from erasure.models import load_models
+    from erasure.session import Session, seed_everything
+
+    overrides, k = SESSION_STATE[method]
+    cfg = compose_cfg(["model=tiny", *overrides, "method.lr=1e-2"])
+    method_cls, method_cfg = validate(cfg)
+
+    def fresh() -> Session:
+        seed_everything(0)
+        return Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, method_cfg)
+
+    a = fresh()
+    for step in range(1, k + 1):
+        a.step(step)
+    save_checkpoint(tmp_path, k, a.state(k), keep=1)
+    _, state = load_checkpoint(tmp_path / "checkpoints" / f"step_{k:06d}")
+    assert state["method"], "the method keeps no state here: the test would not see a lost one"
+
+    restored, blank = fresh(), fresh()
+    restored.restore(state)
+    blank.restore({**state, "method": blank.method.state_dict()})
+    expected = a.step(k + 1)
+    for other, same in ((restored, True), (blank, False)):
+        terms = other.step(k + 1)
+        equal = terms.keys() == expected.keys() and all(terms[n].equal(expected[n]) for n in expected)
+        equal = equal and all(p.equal(a.trainable[n]) for n, p in other.trainable.items())
+        assert equal is same, f"{'restored' if same else 'blank'} session after step {k + 1}"
