@@ -99,7 +99,7 @@ def resolve(key: str) -> MetricSpec | None:
     (``concept_rate_after``) or the summary field a metric copies (``train_time_s``); ``<name>@<qualifier>`` is the
     metric measured under one condition (``asr_post@unlearndiffatk``: after that attack). None for anything else (the
     base model's ``<name>_before`` too)."""
-    name = key.split("@", 1)[0].removeprefix("eval.").removesuffix("_after")
+    name = key.partition("@")[0].removeprefix("eval.").removesuffix("_after")
     if name in _METRICS:
         return _METRICS[name]
     return next((s for s in _METRICS.values() if s.summary_key == name), None)

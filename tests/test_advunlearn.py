@@ -187,6 +187,55 @@ def test_retain_after_text_encoder_moves_is_the_student_against_the_base():
     assert retain.item() > 0 and retain.item() == pytest.approx(best, rel=1e-4)
 
 
+def test_retain_train_reg_draws_its_own_start_codes_at_the_unlearn_draws_timestep():
+    """retain_train reg (get_loss.py l.300-320): in the same step as the erasing loss, the retain loss samples z_r from
+    start codes of its own (``retain_batch`` of them, drawn after the retain prompts) at the erasing draw's t_enc and
+    query timestep, and the total is unlearn + retain_loss_w * retain. Every draw replayed from a copy of the
+    generator; the losses from base copies and the moved encoder."""
+    sess, models, _ = session(["method.warmup_iter=5", "method.retain_train=reg", "method.retain_loss_w=0.3"])
+    unet0, te0 = base_copies(models)
+    with torch.no_grad():  # move the encoder so that the retain loss is not zero
+        for name, p in sess.trainable.items():
+            p.add_(0.05 * torch.randn_like(p))
+    method = sess.method
+    g = torch.Generator()
+    g.set_state(method.ctx.generator.get_state())
+    terms = method.training_step(1)
+
+    def randint(low, high):
+        return int(torch.randint(low, high, (1,), generator=g))
+
+    shape = models.latent_shape
+    assert randint(0, 1) == 0  # the word (one target)
+    t_enc = randint(0, 4)
+    query = randint(round(t_enc / 4 * 1000), round((t_enc + 1) / 4 * 1000))
+    x_unlearn = torch.randn((1, *shape), generator=g)
+    picked = torch.randperm(10, generator=g)[:2].tolist()
+    x_retain = torch.randn((2, *shape), generator=g)
+    assert method.ctx.generator.get_state().equal(g.get_state())
+    draw = method.last_draw  # the retain draw
+    assert draw["t_enc"] == t_enc and int(draw["query"]) == query and draw["x_T"].equal(x_retain)
+
+    texts = [method.retain[i] for i in picked]
+    emb_u = encode(te0, models.tokenizer, [""])
+    emb_r = encode(te0, models.tokenizer, texts)
+    emb_n = encode(models.text_encoder, models.tokenizer, texts)
+    z_r = guided_z(unet0, models, {"t_enc": t_enc, "x_T": x_retain}, emb_u, emb_r, 4, 3.0)
+    t = torch.tensor([query, query])
+    with torch.no_grad():
+        retain = F.mse_loss(unet0(z_r, t, encoder_hidden_states=emb_n).sample,
+                            unet0(z_r, t, encoder_hidden_states=emb_r).sample)
+    assert terms["retain"].item() > 0 and terms["retain"].item() == pytest.approx(retain.item(), rel=1e-4)
+    assert terms["loss"].item() == pytest.approx(terms["unlearn"].item() + 0.3 * retain.item(), rel=1e-4)
+    # the erasing term used the first start code, not the retain ones
+    emb_c = encode(te0, models.tokenizer, ["a circle"])
+    z = guided_z(unet0, models, {"t_enc": t_enc, "x_T": x_unlearn}, emb_u, emb_c, 4, 3.0)
+    with torch.no_grad():
+        eu, ec = (unet0(z, t[:1], encoder_hidden_states=e).sample for e in (emb_u, emb_c))
+        en = unet0(z, t[:1], encoder_hidden_states=encode(models.text_encoder, models.tokenizer, ["a circle"])).sample
+    assert terms["unlearn"].item() == pytest.approx(((en - (eu - (ec - eu))) ** 2).mean().item(), rel=1e-4)
+
+
 # ---------------------------------------------------------------- training, delta, generation
 
 def test_training_moves_only_the_text_encoder_and_the_delta_carries_it(tmp_path):

@@ -438,12 +438,15 @@ def test_a_method_restored_from_its_checkpointed_state_takes_the_same_next_step(
 
 # whole-session resume in-process, for the methods whose state holds more than an order: AdvUnlearn (word, attack
 # round, unseen retain prompts, the adversarial prompt warm-starting the next attack; retain_train iter's follow-up
-# step) and robust All-but-One (the attack counter and each target's adversarial prompt)
+# step), robust All-but-One (the attack counter and each target's adversarial prompt) and MACE (the images not yet
+# drawn in each concept's epoch)
 SESSION_STATE = {
     "advunlearn": (["concept=circle", "method=advunlearn", "method.ddim_steps=4", "method.attack_step=2",
                     "method.warmup_iter=1", "method.retain_batch=3"], 2),
     "ours_adversarial": (["concept=circle", "method=ours", "method.T=4", "method.adversarial=true",
                           "method.adv_steps=2", "method.adv_warmup=1", "method.adv_every=2"], 2),
+    "mace": (["concept=nudity", "method=mace", "concept.mace.concepts=[nudity]", "method.data=generate",
+              "method.use_mask=false", "method.num_images=3", "method.generate_steps=2"], 2),  # one image left
 }
 
 

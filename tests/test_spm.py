@@ -208,3 +208,51 @@ def test_spm_run_trains_the_membrane_and_its_delta_generates_with_transport(spm_
     full = generate(models, prompts[1:], sampler, seeds=[0])
     off_full = np.abs(full[0].astype(int) - with_transport[1].astype(int))
     assert (off_full > 0).sum() > 10 * max(1, (off_by_hand[1] > 0).sum())  # measured: 74 values vs 0
+
+
+# ------------------------------------------------------------------------------------------- settings and prompts
+
+@pytest.mark.parametrize("override, words", [
+    # every allowed value of each choice is accepted (the defaults are the first ones)
+    ("method.sampler=teacher", None), ("method.query_timestep=ddim", None), ("method.anchor_rows=all", None),
+    ("method.lr_scheduler=constant", None), ("method.sampler=ema", "method.sampler must be one of"),
+    # each number at its edge is accepted and one step beyond it refused, one key at a time
+    ("method.ddim_steps=2", None), ("method.ddim_steps=1", "method.ddim_steps must be at least 2"),
+    ("method.anchors=1", None), ("method.anchors=0", "method.rank and method.anchors"),
+    ("method.rank=0", "method.rank and method.anchors"),
+    ("method.la_strength=0", None), ("method.la_strength=-0.5", "method.la_strength"),
+    ("method.lr_warmup_steps=0", None), ("method.lr_warmup_steps=-1", "method.la_strength"),
+    ("method.lr_scheduler_num_cycles=1", None), ("method.lr_scheduler_num_cycles=0", "method.la_strength"),
+    ("method.anchor_scale=[0.5,0.5]", None), ("method.anchor_scale=[0,1]", "method.anchor_scale"),
+    ("method.anchor_scale=[2,1]", "method.anchor_scale"), ("method.anchor_scale=[0.5]", "method.anchor_scale"),
+    ("method.transport_power=0.5", None), ("method.transport_power=0", "method.transport_power")])
+def test_spm_range_edges(override, words):
+    from erasure.cli import precheck_train_args
+    from erasure.errors import UserError
+
+    argv = ["model=tiny", "concept=nudity", "method=spm", override]
+    if words is None:
+        precheck_train_args(argv)
+    else:
+        with pytest.raises(UserError, match=words):
+            precheck_train_args(argv)
+
+
+def test_prompt_pairs_per_target_from_the_concepts_spm_section():
+    """One positive/neutral prompt for all targets is repeated; one per target is kept; none: the target itself and
+    the unconditional prompt (prompt.py's defaults); another count is refused naming the section."""
+    from omegaconf import OmegaConf
+
+    from erasure.errors import UserError
+
+    def concept(**spm):
+        return OmegaConf.create({"name": "pets", "targets": ["a cat", "a dog"], **({"spm": spm} if spm else {})})
+
+    assert SPM.per_target(concept()) == (["a cat", "a dog"], ["a cat", "a dog"], ["", ""])
+    assert SPM.per_target(concept(positive=["an animal"], neutral=["a tree", "a car"])) == \
+        (["a cat", "a dog"], ["an animal", "an animal"], ["a tree", "a car"])
+    for ok in ({"neutral": ["a tree"]}, {"neutral": ["a tree", "a car"]}, {"positive": ["x"]}, {}):
+        SPM.validate_concept(concept(**ok))
+    for key in ("neutral", "positive"):
+        with pytest.raises(UserError, match=f"concept.spm.{key} has 3 prompts for 2 targets"):
+            SPM.validate_concept(concept(**{key: ["a", "b", "c"]}))
