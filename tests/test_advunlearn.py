@@ -4,7 +4,6 @@ with text-encoder tensors (format, fingerprint, generation) and a resumed run.""
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
