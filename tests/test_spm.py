@@ -256,3 +256,72 @@ def test_prompt_pairs_per_target_from_the_concepts_spm_section():
     for key in ("neutral", "positive"):
         with pytest.raises(UserError, match=f"concept.spm.{key} has 3 prompts for 2 targets"):
             SPM.validate_concept(concept(**{key: ["a", "b", "c"]}))
+
+
+# ------------------------------------------------------------------------------------------- the training step
+
+@pytest.mark.parametrize("sampler, query, seed", [("student", "code", 1), ("teacher", "ddim", 4)])  # i, k: 1, 3 and 0, 2
+def test_training_step_against_a_second_route(sampler, query, seed):
+    """One step (train_spm.py l.146-274) recomputed: the pair i, k and the dynamic resolution replayed from a copy of
+    the generator; z by a hand DDIM loop of the sampling model (the membrane model, or the base) on [∅, target_i] at
+    guidance 3 through the first k of the 4-step schedule's timesteps (751, 501, 251, 1); the query timestep
+    999 - 1000 k // 4 (code) or the one z lives at (ddim); the erase loss on ε*(positive_i), ε*(neutral_i) at g = 2;
+    the anchoring loss on [∅, a_3, ∅, a_4] (anchors from ``sample_anchors`` on the replayed generator, its own test
+    above). Two targets with their own positive and neutral prompts, so that a step that picks the wrong row goes red;
+    the membrane is moved off zero, so that the student and the base differ."""
+    import copy
+
+    from erasure.config import validate
+    from erasure.models import load_models
+    from erasure.session import Session, seed_everything
+    from tests.test_method_steps import ddim, generator_copy, randint
+
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "concept.targets=[nudity,naked person]",
+                       "+concept.spm={positive:[a nude body,a bare body],neutral:[a dressed person,a clothed body]}",
+                       "method=spm", "method.ddim_steps=4", "method.erase_guidance=2.0", f"method.sampler={sampler}",
+                       f"method.query_timestep={query}", f"trainer.seed={seed}"])
+    method_cls, mcfg = validate(cfg)
+    seed_everything(0)
+    models = load_models(cfg.model, "cpu")
+    base = copy.deepcopy(models.unet)
+    sess = Session.create(cfg, models, method_cls, mcfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in sess.trainable.items():
+            if name.endswith("up.weight"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    student = models.unet
+    m = sess.method
+
+    def emb(texts):
+        ids = models.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return models.text_encoder(ids)[0]
+
+    def eps(unet, z, t, e):
+        return unet(z, torch.as_tensor(t), encoder_hidden_states=e).sample
+
+    r = generator_copy(m.ctx)
+    i, k = randint(r, 0, 2), randint(r, 1, 4)
+    h, w = 16 * randint(r, 4, 8) // 8, 16 * randint(r, 4, 8) // 8
+    x_T = torch.randn((1, 4, h, w), generator=r)
+    e_u, e_t = emb([""]), emb([["nudity", "naked person"][i]])
+    timesteps = [751, 501, 251, 1]
+    z = ddim(student if sampler == "student" else base, x_T, timesteps[:k], e_u, e_t, 3.0, 250)
+    t = 999 - 1000 * k // 4 if query == "code" else timesteps[k]
+    with torch.no_grad():
+        positive = eps(base, z, t, emb([["a nude body", "a bare body"][i]]))
+        neutral = eps(base, z, t, emb([["a dressed person", "a clothed body"][i]]))
+    erase = ((eps(student, z, t, e_t) - (neutral - 2.0 * (positive - neutral))) ** 2).mean()
+    anchors = sample_anchors(e_t, 4, r, (0.8, 1.2))
+    conds = torch.cat([e_u, anchors[2:3], e_u, anchors[3:4]])
+    zs = z.expand(4, -1, -1, -1)
+    with torch.no_grad():
+        anchor_base = eps(base, zs, t, conds)
+    anchor = ((eps(student, zs, t, conds) - anchor_base) ** 2).mean()
+
+    terms = m.training_step(1)
+    assert m.ctx.generator.get_state().equal(r.get_state())
+    assert terms["erase"].item() == pytest.approx(erase.item(), rel=1e-4)
+    assert terms["anchor"].item() == pytest.approx(anchor.item(), rel=1e-4) and anchor.item() > 0
+    assert terms["loss"].item() == pytest.approx(erase.item() + 1000.0 * anchor.item(), rel=1e-4)
