@@ -195,8 +195,8 @@ def cosine_restarts_factor(index: int, warmup: int, total: int, cycles: int) -> 
     """Learning-rate factor of optimizer step ``index`` (0 for the first step): linear warm-up over ``warmup`` steps,
     then ``cycles`` cosine decays from 1 to 0 with hard restarts, 0 from ``total`` on (the schedule train_util.py
     l.619-626 takes from diffusers, get_cosine_with_hard_restarts_schedule_with_warmup)."""
-    if index < warmup:
-        return index / max(1, warmup)
+    if index < warmup:  # so warmup >= 1
+        return index / warmup
     progress = (index - warmup) / max(1, total - warmup)
     if progress >= 1.0:
         return 0.0

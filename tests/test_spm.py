@@ -116,6 +116,8 @@ def test_anchors_are_random_directions_at_the_targets_scale():
     spike = torch.zeros(1, 1, 2)
     spike[0, 0, 0] = 1.0
     kept = sample_anchors(spike, 400, torch.Generator().manual_seed(1))[:, 0]
+    torch.manual_seed(123)  # every draw, the acceptance ones too, comes from the generator: the global RNG changes nothing
+    assert torch.equal(sample_anchors(spike, 40, torch.Generator().manual_seed(1))[:, 0], kept[:40])
     cos = F.cosine_similarity(kept, spike[0], dim=-1)
     assert cos.mean() < -0.1  # drawn uniformly on the circle the mean would be 0
 
@@ -150,6 +152,19 @@ def test_transport_strength_by_hand():
                                torch.tensor([1.0, 0.25]))
     torch.testing.assert_close(transport_strength(prompts, p_tokens, concepts, c_tokens, "clipcos"),
                                torch.tensor([0.5, r]))
+    # a concept without tokens (an empty prompt) has no overlap to measure: 0, not a division by zero
+    torch.testing.assert_close(transport_strength(prompts, p_tokens, concepts, [set(), c_tokens[1]], "tokenuni"),
+                               torch.tensor([0.0, 0.25]))
+
+
+def test_token_sets_see_what_the_encoder_sees(tiny_models):
+    """The ids of each prompt without <|startoftext|>, <|endoftext|> (also the padding), cut at 77 tokens as the
+    text encoder's input is: a word after the 77th token is not in the set."""
+    tok = tiny_models.tokenizer
+    word = set(tok("nudity", add_special_tokens=False).input_ids)
+    short, long_ = token_sets(tok, ["nudity", "a " * 80 + "nudity"])
+    assert short == word and tok("a", add_special_tokens=False).input_ids[0] not in word
+    assert long_ == set(tok("a", add_special_tokens=False).input_ids)
 
 
 def test_gate_on_the_tiny_model_is_gamma_squared(tiny_models):
@@ -236,6 +251,31 @@ def test_spm_range_edges(override, words):
     else:
         with pytest.raises(UserError, match=words):
             precheck_train_args(argv)
+
+
+def test_anchor_rows_and_the_learning_rate_schedule():
+    """anchor_rows all: every anchor; the schedule against diffusers' own cosine-with-hard-restarts lambda (the one
+    train_util.py l.619-626 builds) at every step, warm-up 0, 1 and 3, one and three cycles, past the end too;
+    lr_scheduler constant: 1 at every step."""
+    from types import SimpleNamespace
+
+    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
+
+    anchors, uncond = torch.randn(4, 3, 2), torch.zeros(1, 3, 2)
+    assert torch.equal(anchor_conditions(anchors, uncond, "all"), anchors)
+    total = 7
+    for warmup in (0, 1, 3):
+        for cycles in (1, 3):
+            opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            (reference,) = get_cosine_with_hard_restarts_schedule_with_warmup(opt, warmup, total, cycles).lr_lambdas
+            ours = [cosine_restarts_factor(i, warmup, total, cycles) for i in range(total + 2)]
+            assert ours == pytest.approx([reference(i) for i in range(total + 2)], abs=1e-12)
+            method = SimpleNamespace(cfg=SimpleNamespace(lr_scheduler="cosine_with_restarts", lr_warmup_steps=warmup,
+                                                         lr_scheduler_num_cycles=cycles),
+                                     ctx=SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(iterations=total))))
+            assert [SPM.lr_factor(method, i + 1) for i in range(total)] == ours[:total]  # step 1 = index 0
+    constant = SimpleNamespace(cfg=SimpleNamespace(lr_scheduler="constant", lr_warmup_steps=3))
+    assert [SPM.lr_factor(constant, s) for s in (1, 2, 50)] == [1.0, 1.0, 1.0]
 
 
 def test_prompt_pairs_per_target_from_the_concepts_spm_section():
