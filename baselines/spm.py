@@ -305,16 +305,15 @@ class SPM(AdapterMethod):
 
     def __init__(self, cfg: SPMConfig, ctx):
         super().__init__(cfg, ctx)
-        self.membrane = ctx.adapters[SET]
         self.targets, positives, neutrals = self.per_target(ctx.concept)
         self.emb_uncond = ctx.embed([""])  # prompt.yaml l.4: unconditional ""
         self.emb_targets = ctx.embed(self.targets)
         self.emb_positive = ctx.embed(positives)
         self.emb_neutral = ctx.embed(neutrals)
-        side = ctx.models.latent_shape[-1]
-        if cfg.dynamic_resolution and side % 8:
-            raise UserError(f"method.dynamic_resolution draws eighths of the latent side, and this model's is {side}: "
-                            "set method.dynamic_resolution=false")
+        sides = tuple(ctx.models.latent_shape[1:])
+        if cfg.dynamic_resolution and any(side % 8 for side in sides):
+            raise UserError(f"method.dynamic_resolution draws eighths of each latent side, and this model's are "
+                            f"{sides[0]} x {sides[1]}: set method.dynamic_resolution=false")
 
     def latent_shape(self) -> tuple[int, int, int]:
         """z's shape: the model's, or with dynamic resolution each side k/8 of it, k ~ U{4..7}, height then width

@@ -278,6 +278,26 @@ def test_anchor_rows_and_the_learning_rate_schedule():
     assert [SPM.lr_factor(constant, s) for s in (1, 2, 50)] == [1.0, 1.0, 1.0]
 
 
+def test_dynamic_resolution_needs_latent_sides_in_eighths():
+    """A 24-pixel tiny model has 12 x 12 latents: dynamic resolution (k/8 of each side) is refused before training,
+    naming the switch; without it the method builds."""
+    from erasure.config import validate
+    from erasure.errors import UserError
+    from erasure.models import load_models
+    from erasure.session import Session
+
+    for dynamic in (True, False):
+        cfg = compose_cfg(["model=tiny", "model.resolution=24", "concept=nudity", "method=spm",
+                           f"method.dynamic_resolution={str(dynamic).lower()}"])
+        method_cls, mcfg = validate(cfg)
+        models = load_models(cfg.model, "cpu")
+        if dynamic:
+            with pytest.raises(UserError, match="are 12 x 12: set method.dynamic_resolution=false"):
+                Session.create(cfg, models, method_cls, mcfg)
+        else:
+            assert Session.create(cfg, models, method_cls, mcfg).method.latent_shape() == (4, 12, 12)
+
+
 def test_prompt_pairs_per_target_from_the_concepts_spm_section():
     """One positive/neutral prompt for all targets is repeated; one per target is kept; none: the target itself and
     the unconditional prompt (prompt.py's defaults); another count is refused naming the section."""
