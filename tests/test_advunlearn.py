@@ -158,6 +158,9 @@ def test_retain_prompts_drawn_without_replacement_until_exhausted():
     assert len(set(seen)) == 9
     method._retain_batch()  # 1 left < 3: all put back first
     assert len(method.unseen) == 7
+    method.cfg.retain_batch = 5  # exactly a batch left: it is drawn, not put back
+    method.unseen = list(range(10))
+    assert len(set(method._retain_batch() + method._retain_batch())) == 10 and method.unseen == []
 
 
 def test_retain_after_text_encoder_moves_is_the_student_against_the_base():
@@ -233,6 +236,41 @@ def test_retain_train_reg_draws_its_own_start_codes_at_the_unlearn_draws_timeste
         eu, ec = (unet0(z, t[:1], encoder_hidden_states=e).sample for e in (emb_u, emb_c))
         en = unet0(z, t[:1], encoder_hidden_states=encode(models.text_encoder, models.tokenizer, ["a circle"])).sample
     assert terms["unlearn"].item() == pytest.approx(((en - (eu - (ec - eu))) ** 2).mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("attack_init", ["latest", "random"])
+def test_each_attack_starts_from_the_latest_prompt_or_a_fresh_random_one(attack_init, monkeypatch):
+    """attack_util.py init_adv: the first attack starts from k vocabulary embeddings drawn from the generator (replayed
+    here: the word, then the token ids); later ones from the previous attack's result (attack_init latest) or from
+    new random tokens (random). The attack runs on the current word's own embedding (the target's row)."""
+    import baselines.advunlearn as advunlearn_module
+    from erasure.adversarial import soft_prompt_attack as real_attack
+
+    seen = []
+
+    def recording_attack(text_encoder, tokenizer, prompt, init, *args, **kwargs):  # the real attack, its inputs kept
+        seen.append((prompt, init.clone()))
+        return real_attack(text_encoder, tokenizer, prompt, init, *args, **kwargs)
+
+    monkeypatch.setattr(advunlearn_module, "soft_prompt_attack", recording_attack)
+    sess, models, _ = session([f"method.attack_init={attack_init}", "method.adv_prompt_num=2"])
+    method = sess.method
+    table = models.text_encoder.get_input_embeddings().weight.detach()
+    method.training_step(1)  # warm-up (iteration 0 < warmup_iter 1): no attack
+    assert seen == []
+    g = torch.Generator()
+    g.set_state(method.ctx.generator.get_state())
+    method.training_step(2)
+    assert int(torch.randint(0, 1, (1,), generator=g)) == 0  # the word
+    first = table[torch.randint(0, table.shape[0], (2,), generator=g)][None]
+    assert seen[0][0] == "a circle" and seen[0][1].equal(first)
+    latest = method.adv.adv.detach().clone()
+    assert not latest.equal(first)  # the attack moved it
+    method.training_step(3)
+    assert seen[1][1].equal(latest) is (attack_init == "latest")
+    if attack_init == "random":
+        rows = seen[1][1][0]  # each a row of the vocabulary table, and not the first attack's tokens again
+        assert bool((rows[:, None, :] == table[None]).all(-1).any(-1).all()) and not rows.equal(first[0])
 
 
 # ---------------------------------------------------------------- training, delta, generation
