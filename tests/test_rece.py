@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from baselines.rece import RECE, adversarial_embedding, regulariser_terms
+from baselines.rece import RECE, adversarial_embedding, output_gap, regulariser_terms
 from baselines.uce import UCE, encode
 from erasure.delta import load_run, read_delta
 from erasure.errors import UserError
@@ -157,6 +157,34 @@ def test_zero_epochs_is_the_uce_edit_of_train_uce(rece_tiny):
     uce, _ = build(["method=uce", "method.tokens=trailing", "+concept.uce.preserve=['']"], models)
     got, expected = rece.closed_form(), uce.closed_form()
     assert set(got) == set(expected) and all(torch.allclose(got[n], expected[n], atol=1e-6) for n in got)
+
+
+@pytest.mark.parametrize("scale, uce_scale", [(None, 0.333), (0.7, 0.7)])
+def test_the_uce_stages_preserve_scale(rece_tiny, scale, uce_scale):
+    """train_uce.py l.291-294: with no scale given, the UCE stage preserves its n prompts ("" and the concept's) at
+    max(0.1, 1/n) rounded to 3 places, here 1/3 -> 0.333; a given uce_preserve_scale is used as it is."""
+    _, _, models = rece_tiny
+    preserve = "+concept.uce.preserve=['a cat','a dog']"
+    rece, _ = build(["method=rece", "method.epochs=0", preserve,
+                     *([f"method.uce_preserve_scale={scale}"] if scale is not None else [])], models)
+    uce, _ = build(["method=uce", "method.tokens=trailing", "+concept.uce.preserve=['','a cat','a dog']",
+                    f"method.preserve_scale={uce_scale}"], models)
+    got, expected = rece.closed_form(), uce.closed_form()
+    assert set(got) == set(expected) and all(torch.allclose(got[n], expected[n], atol=1e-6) for n in got)
+    other, _ = build(["method=uce", "method.tokens=trailing", "+concept.uce.preserve=['','a cat','a dog']",
+                      "method.preserve_scale=0.334"], models)  # one step of the rounding away: a different edit
+    assert any(not torch.allclose(got[n], v, atol=1e-6) for n, v in other.closed_form().items())
+
+
+def test_output_gap_by_hand():
+    """Σ_l ‖rows W_lᵀ − targets_l‖²: rows (1, 2) and (0, 1); W_1 = I, W_2 = 2 I; targets all ones."""
+    rows = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+    weights = [torch.eye(2), 2 * torch.eye(2)]
+    ones = torch.ones(2, 2, dtype=torch.float64)
+    # W_1: rows - 1 = (0, 1), (-1, 0): 2;  W_2: 2 rows - 1 = (1, 3), (-1, 1): 12
+    assert output_gap(weights, rows, [ones, ones]) == 14.0
+    with pytest.raises(ValueError):
+        output_gap(weights, rows, [ones])  # one target per projection
 
 
 @pytest.mark.parametrize("method,keys", [("uce", ["erase_scale"]), ("rece", ["uce_erase_scale", "erase_scale"])])
