@@ -23,6 +23,14 @@ PROMPT_DATA = ROOT / "data" / "prompts"
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
+def shared_scope(fixture_name: str, config) -> str:
+    """Scope of a fixture that runs the code under test once for several tests of a module (a training run, a
+    closed-form edit, Inception features). Under mutation testing (``make mutation``: mutmut sets MUTANT_UNDER_TEST)
+    it is rebuilt for every test, so that mutmut traces each of those tests to the code it checks and runs all of them
+    against a mutant (module-scoped, only the first test would be traced and the others' assertions would not count)."""
+    return "function" if "MUTANT_UNDER_TEST" in os.environ else "module"
+
+
 def compose_cfg(overrides: list[str] | None = None, config_name: str = "train"):
     """The config `python -m erasure.train <overrides>` would see (without Hydra's runtime keys)."""
     from erasure.config import compose

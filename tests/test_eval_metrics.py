@@ -13,6 +13,7 @@ from erasure.errors import UserError
 from eval import metrics
 from erasure.measures import nudenet
 from erasure.measures.ssim import ssim_pairs, ssim_window
+from tests.conftest import shared_scope
 
 
 def crops(photo: np.ndarray, n: int, side: int, seed: int) -> np.ndarray:
@@ -110,7 +111,7 @@ def test_ssim_metric_mean_and_std(astronaut_pair):
 
 
 # --------------------------------------------------------------------------------------------- FID/KID
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def photo_features():
     from erasure.measures.fid import inception_features
 
@@ -141,7 +142,7 @@ def kid_by_hand(f1: np.ndarray, f2: np.ndarray) -> float:
                  - 2 * kxy.mean())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def fid_results(photo_features):
     from erasure.measures.fid import fid_kid_from_features
 

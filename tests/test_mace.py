@@ -19,7 +19,7 @@ from erasure.errors import UserError
 from erasure.models import load_models
 from erasure.session import Session
 from erasure.trainer import train
-from tests.conftest import ROOT, assert_refused_in_one_sentence, compose_cfg
+from tests.conftest import ROOT, assert_refused_in_one_sentence, compose_cfg, shared_scope
 
 F64 = dict(dtype=torch.float64)
 
@@ -187,7 +187,7 @@ TWO = ["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0",
        "trainer.iterations=4"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def mace_run(tmp_path_factory):
     data = tmp_path_factory.mktemp("mace_data")
     write_folder(data, ["nudity", "naked"])

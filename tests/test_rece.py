@@ -15,7 +15,7 @@ from erasure.delta import load_run, read_delta
 from erasure.errors import UserError
 from erasure.method import TrainContext
 from erasure.trainer import train
-from tests.conftest import assert_refused_in_one_sentence, compose_cfg
+from tests.conftest import assert_refused_in_one_sentence, compose_cfg, shared_scope
 from tests.test_uce import lstsq_edit
 
 F64 = dict(dtype=torch.float64)
@@ -108,7 +108,7 @@ def build(overrides, models=None):
     return method_cls(method_cls.parse_config(cfg.method), ctx), models
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def rece_tiny():
     method, models = build(["method=rece"])
     return method, method.closed_form(), models
@@ -210,7 +210,7 @@ def test_edit_strength_scales_the_official_erase_scales(rece_tiny, method, keys)
         edit.closed_form_at(0.0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def rece_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("rece")
     train(compose_cfg(["model=tiny", "concept=nudity", "method=rece", "trainer.preview_every=0"]), run)

@@ -17,14 +17,14 @@ from erasure.errors import UserError
 from erasure.models import load_models
 from erasure.session import Session, seed_everything
 from erasure.trainer import train
-from tests.conftest import assert_refused_in_one_sentence, build_method, compose_cfg
+from tests.conftest import assert_refused_in_one_sentence, build_method, compose_cfg, shared_scope
 
 # 4 forget and 4 retain images of 2 sampling steps, batches of 2: the method starts in about a second on the tiny model
 SMALL = ["method.num_forget_images=4", "method.num_retain_images=4", "method.image_steps=2", "method.batch_size=2",
          "method.mask_batch_size=2"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("salun_cache")  # the generated sets, shared by this module's tests
 

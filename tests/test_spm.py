@@ -18,7 +18,7 @@ from erasure.adapters import attach, attached
 from erasure.delta import load_run, read_delta
 from erasure.generation import default_sampler, generate
 from erasure.trainer import train
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, shared_scope
 
 
 # ---------------------------------------------------------------------------------------------- the membrane
@@ -181,7 +181,7 @@ def test_gate_on_the_tiny_model_is_gamma_squared(tiny_models):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def spm_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("spm")
     cfg = compose_cfg(["model=tiny", "concept=nudity", "method=spm", "trainer.iterations=3", "method.ddim_steps=3",

@@ -12,7 +12,7 @@ from baselines.uce import UCE, concept_rows, subject_embeddings, subject_token_i
 from erasure.delta import load_run, read_delta
 from erasure.errors import UserError
 from erasure.trainer import train
-from tests.conftest import assert_refused_in_one_sentence, compose_cfg
+from tests.conftest import assert_refused_in_one_sentence, compose_cfg, shared_scope
 
 F64 = dict(dtype=torch.float64)
 
@@ -101,7 +101,7 @@ def test_concept_rows_by_hand():
     assert p.shape == (0, 1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def uce_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("uce")
     cfg = compose_cfg(["model=tiny", "concept=nudity", "method=uce", "trainer.preview_every=0",
