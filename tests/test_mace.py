@@ -81,6 +81,8 @@ def test_fusion_by_hand():
     torch.testing.assert_close(got @ e[2], torch.tensor([3.0, 1.0], **F64))
     full = torch.randn(10, 3, generator=torch.Generator().manual_seed(2), **F64)
     torch.testing.assert_close(fuse_weight(w, w, [d1], [gram(full)], torch.zeros(3, 3, **F64), 0.0, 0.0), w + d1)
+    with pytest.raises(ValueError):  # one Gram per LoRA: a missing one is an error, not a concept left out
+        fuse_weight(w, w, [d1, d2], [gram(e[:1])], torch.zeros(3, 3, **F64), 1.0, 0.0)
 
 
 def test_a_singular_system_is_refused_in_one_sentence():
@@ -275,3 +277,62 @@ def test_refused_when_the_run_starts(tmp_path, overrides, match):
     with pytest.raises(UserError, match=match):
         train(cfg, tmp_path)
     assert MACE.shape == "adapter"
+
+
+# ------------------------------------------------------------------------------------------ the training step
+
+@pytest.mark.parametrize("importance, norm", [(True, "frobenius"), (False, "squared")])
+def test_training_step_against_a_second_route(tmp_path, importance, norm):
+    """One LoRA step (cfr_lora_training.py l.480-540) recomputed: concept k = (step - 1) mod 3 (round robin over three
+    concepts), its next image from a permutation of its 3, x0 = mean + std * n (latent_dist.sample()), noise, t from
+    the importance weights or uniform on 0..999, a random one of its prompts -- every draw replayed from a copy of the
+    generator; z_t with SD's noise schedule written out; the attention probabilities of every attn2 layer computed
+    from each layer's inputs (tests/test_method_steps.attention_by_hand) with concept k's LoRA, and only it, at
+    multiplier 1; the loss: attention_map_loss (its own hand tests above) on that prompt's concept positions inside
+    the image's mask. The LoRAs are moved off zero first, so that a step with the wrong LoRA, multiplier or mask goes
+    red."""
+    from erasure.config import validate
+    from erasure.session import Session, seed_everything
+    from tests.test_method_steps import attention_by_hand, generator_copy, noised, randint
+
+    concepts = ["nudity", "naked", "nude"]
+    write_folder(tmp_path, concepts)
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=mace", f"concept.mace.concepts=[{','.join(concepts)}]",
+                       "trainer.iterations=3", f"method.data_dir={tmp_path}",
+                       f"method.importance_sampling={str(importance).lower()}", f"method.loss_norm={norm}"])
+    method_cls, mcfg = validate(cfg)
+    seed_everything(0)
+    sess = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, mcfg)
+    m = sess.method
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in sess.trainable.items():
+            if name.endswith("up.weight"):
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    assert all(s.multiplier == 0.0 for s in m.sets)  # outside a step every LoRA is off
+
+    for step in (1, 2):
+        k = step - 1
+        r = generator_copy(m.ctx)
+        i = torch.randperm(3, generator=r).tolist().pop()
+        mean, std = m.latent_mean[k][i][None], m.latent_std[k][i][None]
+        assert std.abs().sum() > 0  # encoded images: a distribution, not a point
+        x0 = mean + std * torch.randn(mean.shape, generator=r)
+        noise = torch.randn(x0.shape, generator=r)
+        t = torch.multinomial(importance_weights(1000), 1, generator=r) if importance else \
+            torch.randint(0, 1000, (1,), generator=r)
+        j = randint(r, 0, len(m.templates[k]))
+        with m.sets[k].multiplied(1.0):
+            probs = [p.flatten(0, 1) for p in attention_by_hand(m.ctx.unet, noised(x0, noise, t), t,
+                                                                m.prompt_emb[k][j][None])]
+        positions, mask = m.positions[k][j][None], m.masks[k][i][None]
+        expected = attention_map_loss(probs, positions, mask, norm)
+
+        loss = m.training_step(step)["loss"]
+        assert m.ctx.generator.get_state().equal(r.get_state())
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert abs(attention_map_loss(probs, positions, None, norm).item() - expected.item()) > 1e-3 * expected.item()
+        with torch.no_grad():  # the base of the step (every LoRA off) gives another loss
+            plain = [p.flatten(0, 1) for p in attention_by_hand(m.ctx.unet, noised(x0, noise, t), t,
+                                                                m.prompt_emb[k][j][None])]
+        assert abs(attention_map_loss(plain, positions, mask, norm).item() - expected.item()) > 1e-3 * expected.item()
