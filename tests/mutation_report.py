@@ -54,36 +54,78 @@ def _is_message(stmt: ast.AST) -> bool:
     return False
 
 
-def changed(orig: ast.AST, mutant: ast.AST) -> tuple[int, int, bool]:
+def _equivalent_kind(stack: list[ast.AST], a, b) -> str | None:
+    """The class of an equivalent change at one difference, or None. ``stack``: the original's nodes above it.
+
+    - ``device``: a ``device=`` argument or a ``.to(...)`` argument changed or dropped. The tests run on the CPU, where
+      ``device=None`` and ``.to(None)`` leave the tensor where the original puts it.
+    - ``randint``: ``randint(0, n, ...)`` became ``randint(n, ...)``: torch's low defaults to 0, the same draw.
+    """
+    def mentions_device(node) -> bool:
+        return any(isinstance(n, ast.Attribute) and n.attr == "device" or isinstance(n, ast.Name) and n.id == "device"
+                   for n in ast.walk(node))
+
+    parent = stack[-1] if stack else None
+    if isinstance(parent, ast.Call) and isinstance(a, list) and isinstance(b, list) and len(b) == len(a) - 1:
+        dumps = [ast.dump(x) for x in b]
+        dropped = [x for x in a if ast.dump(x) not in dumps]
+        if len(dropped) == 1 and isinstance(dropped[0], ast.keyword) and dropped[0].arg == "device":
+            return "device"  # device=... dropped
+        if (len(dropped) == 1 and isinstance(parent.func, ast.Attribute) and parent.func.attr == "to"
+                and mentions_device(dropped[0])):
+            return "device"  # .to(x.device, ...) lost its device
+    elif isinstance(a, ast.AST) and mentions_device(a) or a is None and isinstance(b, ast.AST):
+        for node in reversed(stack):  # inside a device= argument or the device argument of .to(...)
+            if isinstance(node, ast.keyword):
+                if node.arg == "device":
+                    return "device"
+                break
+            if isinstance(node, ast.Call):
+                if isinstance(node.func, ast.Attribute) and node.func.attr == "to" and isinstance(a, ast.AST):
+                    return "device"
+                break
+    if isinstance(parent, ast.Call) and isinstance(a, list) and isinstance(b, list):
+        func = parent.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if (name == "randint" and len(a) == len(b) + 1 and isinstance(a[0], ast.Constant) and a[0].value == 0
+                and all(ast.dump(x) == ast.dump(y) for x, y in zip(a[1:], b))):
+            return "randint"
+    return None
+
+
+def changed(orig: ast.AST, mutant: ast.AST) -> tuple[int, int, bool, str | None]:
     """(line of the first difference in the original, the same in the mutant, whether every difference lies inside a
-    message statement)."""
+    message statement, the equivalence class every difference belongs to or None: :func:`_equivalent_kind`)."""
     first: list[int] = []
     message = True
+    kinds: set[str | None] = set()
 
-    def differ(a, b, in_message, lines):
+    def differ(a, b, in_message, lines, stack):
         nonlocal message
         if not first:
             first.extend(lines)
         message = message and in_message
+        kinds.add(_equivalent_kind(stack, a, b))
 
-    def walk(a, b, in_message, lines):
+    def walk(a, b, in_message, lines, stack):
         if type(a) is not type(b):
-            return differ(a, b, in_message, lines)
+            return differ(a, b, in_message, lines, stack)
         if isinstance(a, ast.AST):
             in_message = in_message or _is_message(a)
             lines = (getattr(a, "lineno", lines[0]), getattr(b, "lineno", lines[1]))
             for field in a._fields:
-                walk(getattr(a, field, None), getattr(b, field, None), in_message, lines)
+                walk(getattr(a, field, None), getattr(b, field, None), in_message, lines, [*stack, a])
         elif isinstance(a, list):
             if len(a) != len(b):
-                return differ(a, b, in_message, lines)
+                return differ(a, b, in_message, lines, stack)
             for x, y in zip(a, b):
-                walk(x, y, in_message, lines)
+                walk(x, y, in_message, lines, stack)
         elif a != b:
-            differ(a, b, in_message, lines)
+            differ(a, b, in_message, lines, stack)
 
-    walk(orig.body, mutant.body, False, (orig.lineno, mutant.lineno))
-    return (*(first or (0, 0)), message)
+    walk(orig.body, mutant.body, False, (orig.lineno, mutant.lineno), [])
+    kind = kinds.pop() if len(kinds) == 1 else None
+    return (*(first or (0, 0)), message, kind)
 
 
 def collect(root: Path = ROOT) -> dict[str, dict]:
@@ -92,7 +134,7 @@ def collect(root: Path = ROOT) -> dict[str, dict]:
         meta_path = root / "mutants" / f"{rel}.meta"
         mutated = root / "mutants" / rel
         if not meta_path.is_file() or not mutated.is_file():
-            out[rel] = dict(total=0, checked=0, killed=0, survived=[], message=[], other=0, untested=0)
+            out[rel] = dict(total=0, checked=0, killed=0, survived=[], message=[], equivalent=[], other=0, untested=0)
             continue
         meta = json.loads(meta_path.read_text())
         codes = meta.get("exit_code_by_key", {})
@@ -100,7 +142,7 @@ def collect(root: Path = ROOT) -> dict[str, dict]:
         functions = _functions(ast.parse(source))
         lines = source.splitlines()
         total = sum(1 for name in functions if "__mutmut_" in name and not name.endswith("__mutmut_orig"))
-        row = dict(total=total, checked=0, killed=0, survived=[], message=[], other=0, untested=0)
+        row = dict(total=total, checked=0, killed=0, survived=[], message=[], equivalent=[], other=0, untested=0)
         for key, code in sorted(codes.items()):
             if code is None:
                 continue
@@ -115,33 +157,43 @@ def collect(root: Path = ROOT) -> dict[str, dict]:
             name = key.rsplit(".", 1)[-1]
             orig = functions.get(name.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
             mut = functions.get(name)
-            before, after, message = changed(orig, mut) if orig is not None and mut is not None else (0, 0, False)
+            before, after, message, kind = changed(orig, mut) if orig is not None and mut is not None else \
+                (0, 0, False, None)
             text = f"{lines[before - 1].strip()}  ->  {lines[after - 1].strip()}" if before else "?"
-            (row["message"] if message and code == 0 else row["survived"]).append((key, code, text))
+            if code == 0 and message:
+                row["message"].append((key, code, text))
+            elif code == 0 and kind:
+                row["equivalent"].append((key, kind, text))
+            else:
+                row["survived"].append((key, code, text))
         out[rel] = row
     return out
 
 
 def score(row: dict) -> float | None:
-    """Killed over checked, message mutants aside (they are listed, not scored)."""
-    scored = row["checked"] - len(row["message"])
+    """Killed over checked, message and equivalent mutants aside (they are listed, not scored)."""
+    scored = row["checked"] - len(row["message"]) - len(row["equivalent"])
     return row["killed"] / scored if scored else None
 
 
 def report(data: dict[str, dict], markdown: bool) -> str:
-    head = ("| module | mutants | checked | killed | survived | of them untested | message-only | score |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| module | mutants | checked | killed | survived | of them untested | message-only | equivalent | score |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for rel, row in data.items():
         s = score(row)
         rows.append(f"| `{rel}` | {row['total']} | {row['checked']} | {row['killed']} | {len(row['survived'])} | {row['untested']} | "
-                    f"{len(row['message'])} | {'—' if s is None else f'{100 * s:.1f}%'} |")
+                    f"{len(row['message'])} | {len(row['equivalent'])} | {'—' if s is None else f'{100 * s:.1f}%'} |")
     text = "\n".join([head, *rows])
     survivors = [(rel, key, code, line) for rel, row in data.items() for key, code, line in row["survived"]]
     if survivors:
         text += "\n\nSurviving mutants (module, mutant, exit code, the line it changed):\n"
         text += "\n".join(f"- `{key}` ({'survived' if code == 0 else 'no test reaches it' if code in (5, 33) else f'exit {code}'}): `{line}`"
                           for rel, key, code, line in survivors)
+    equivalent = [(key, kind, line) for row in data.values() for key, kind, line in row["equivalent"]]
+    if equivalent:
+        text += "\n\nEquivalent mutants, by class (tests/mutation_report.py _equivalent_kind says why each is one):\n"
+        text += "\n".join(f"- `{key}` ({kind}): `{line}`" for key, kind, line in equivalent)
     return text if markdown else text.replace("`", "")
 
 
