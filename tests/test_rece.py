@@ -135,6 +135,37 @@ def test_edit_matches_a_second_route(rece_tiny):
         torch.testing.assert_close(edited[name].double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("regularizer, item, ridge, anchor, surrogate", [
+    ("standard", "1st", 0.1, "guide", 0.0), ("surrogate", "2nd", 0.1, "concept", 0.0),
+    ("surrogate", "both", 0.1, "concept", 0.1)])
+def test_one_epoch_with_each_anchored_regulariser_matches_a_second_route(rece_tiny, regularizer, item, ridge, anchor,
+                                                                          surrogate):
+    """emb.py's other regularisers (ridge toward the guide's rows, toward the concept's own rows, and the surrogate
+    term), one epoch after the UCE stage, recomputed with torch.linalg.lstsq as above."""
+    _, _, models = rece_tiny
+    method, _ = build(["method=rece", "method.epochs=1", f"method.regularizer={regularizer}",
+                       f"method.reg_item={item}"], models)
+    edited = method.closed_form()
+    emb, index = encode(models, ["nudity", ""])
+    target, empty = emb[0].double(), emb[1].double()
+    k = index[0]
+    names = sorted(method.base)
+    base = [method.base[n].double() for n in names]
+    weights = [lstsq_edit(w, target[k:], empty[:77 - k], empty, 0.5, 1.0, 1.0) for w in base]
+    adv = lstsq_adversarial(weights, base, target, ridge, {"guide": empty, "concept": target}[anchor], surrogate)
+    weights = [lstsq_edit(w, adv, empty, empty, 0.1, 1.0, 0.1) for w in weights]
+    for name, expected in zip(names, weights):
+        torch.testing.assert_close(edited[name].double(), expected, rtol=1e-4, atol=1e-5)
+    h = method.history[0]  # the record of the epoch, by hand
+    out = [target @ w.T for w in base]
+    norm = sum(float(o.pow(2).sum()) for o in out)
+    after = sum(float((adv @ w.T - o).pow(2).sum()) for w, o in zip(weights, out)) / norm
+    assert h["epoch"] == 1 and h["regenerate_after"] == pytest.approx(after, rel=1e-4)
+    assert h["adv_norm"] == pytest.approx(float(adv.norm(dim=1).mean()), rel=1e-6)
+    assert h["concept_norm"] == pytest.approx(float(target.norm(dim=1).mean()), rel=1e-6)
+    assert 0 < h["seconds"] < 60
+
+
 def test_each_epoch_erases_its_adversarial_embedding(rece_tiny):
     """Before its re-erasure the derived embedding regenerates the concept's base outputs closely; the re-erasure sends
     it to the guide's outputs (distance cut by more than 10x), after which it regenerates the concept at least twice
@@ -150,11 +181,12 @@ def test_each_epoch_erases_its_adversarial_embedding(rece_tiny):
     assert fits == sorted(fits) and fits[0] < fits[-1], fits
 
 
-def test_zero_epochs_is_the_uce_edit_of_train_uce(rece_tiny):
-    """epochs=0 leaves the UCE stage: UCE's own edit with tokens=trailing, "" preserved at scale 1."""
+@pytest.mark.parametrize("tokens", ["trailing", "last"])
+def test_zero_epochs_is_the_uce_edit_of_train_uce(rece_tiny, tokens):
+    """epochs=0 leaves the UCE stage: UCE's own edit with the same tokens, "" preserved at scale 1."""
     _, _, models = rece_tiny
-    rece, _ = build(["method=rece", "method.epochs=0"], models)
-    uce, _ = build(["method=uce", "method.tokens=trailing", "+concept.uce.preserve=['']"], models)
+    rece, _ = build(["method=rece", "method.epochs=0", f"method.uce_tokens={tokens}"], models)
+    uce, _ = build(["method=uce", f"method.tokens={tokens}", "+concept.uce.preserve=['']"], models)
     got, expected = rece.closed_form(), uce.closed_form()
     assert set(got) == set(expected) and all(torch.allclose(got[n], expected[n], atol=1e-6) for n in got)
 
