@@ -298,6 +298,25 @@ def test_dynamic_resolution_needs_latent_sides_in_eighths():
             assert Session.create(cfg, models, method_cls, mcfg).method.latent_shape() == (4, 12, 12)
 
 
+def test_the_membrane_carries_rank_alpha_and_the_transport_gate():
+    """spm.py l.57-58: scale alpha / rank (rank 2, alpha 1: 0.5); the gate names the concept's targets, the metric
+    and the power; transport=false: no gate."""
+    from erasure.config import validate
+    from erasure.models import load_models
+    from erasure.session import Session
+
+    for transport in (True, False):
+        cfg = compose_cfg(["model=tiny", "concept=nudity", "concept.targets=[nudity,naked person]", "method=spm",
+                           "method.rank=2", "method.alpha=1.0", "method.transport_power=3.0",
+                           f"method.transport={str(transport).lower()}"])
+        method_cls, mcfg = validate(cfg)
+        sess = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, mcfg)
+        membrane = sess.method.ctx.adapters["spm"]
+        assert membrane.rank == 2 and {a.scale for a in membrane.modules.values()} == {0.5}
+        expected = dict(method="spm", concepts=["nudity", "naked person"], metric=mcfg.matching_metric, power=3.0)
+        assert membrane.gate == (expected if transport else None)
+
+
 def test_prompt_pairs_per_target_from_the_concepts_spm_section():
     """One positive/neutral prompt for all targets is repeated; one per target is kept; none: the target itself and
     the unconditional prompt (prompt.py's defaults); another count is refused naming the section."""
