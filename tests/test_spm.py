@@ -263,17 +263,15 @@ def test_anchor_rows_and_the_learning_rate_schedule():
 
     anchors, uncond = torch.randn(4, 3, 2), torch.zeros(1, 3, 2)
     assert torch.equal(anchor_conditions(anchors, uncond, "all"), anchors)
-    total = 7
-    for warmup in (0, 1, 3):
-        for cycles in (1, 3):
-            opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-            (reference,) = get_cosine_with_hard_restarts_schedule_with_warmup(opt, warmup, total, cycles).lr_lambdas
-            ours = [cosine_restarts_factor(i, warmup, total, cycles) for i in range(total + 2)]
-            assert ours == pytest.approx([reference(i) for i in range(total + 2)], abs=1e-12)
-            method = SimpleNamespace(cfg=SimpleNamespace(lr_scheduler="cosine_with_restarts", lr_warmup_steps=warmup,
-                                                         lr_scheduler_num_cycles=cycles),
-                                     ctx=SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(iterations=total))))
-            assert [SPM.lr_factor(method, i + 1) for i in range(total)] == ours[:total]  # step 1 = index 0
+    for total, warmup, cycles in [(t, w, c) for t in (2, 7) for w in (0, 1, 3) for c in (1, 3)]:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        (reference,) = get_cosine_with_hard_restarts_schedule_with_warmup(opt, warmup, total, cycles).lr_lambdas
+        ours = [cosine_restarts_factor(i, warmup, total, cycles) for i in range(total + 2)]
+        assert ours == pytest.approx([reference(i) for i in range(total + 2)], abs=1e-12)
+        method = SimpleNamespace(cfg=SimpleNamespace(lr_scheduler="cosine_with_restarts", lr_warmup_steps=warmup,
+                                                     lr_scheduler_num_cycles=cycles),
+                                 ctx=SimpleNamespace(cfg=SimpleNamespace(trainer=SimpleNamespace(iterations=total))))
+        assert [SPM.lr_factor(method, i + 1) for i in range(total)] == ours[:total]  # step 1 = index 0
     constant = SimpleNamespace(cfg=SimpleNamespace(lr_scheduler="constant", lr_warmup_steps=3))
     assert [SPM.lr_factor(constant, s) for s in (1, 2, 50)] == [1.0, 1.0, 1.0]
 
@@ -339,8 +337,9 @@ def test_prompt_pairs_per_target_from_the_concepts_spm_section():
 
 # ------------------------------------------------------------------------------------------- the training step
 
-@pytest.mark.parametrize("sampler, query, seed", [("student", "code", 1), ("teacher", "ddim", 4)])  # i, k: 1, 3 and 0, 2
-def test_training_step_against_a_second_route(sampler, query, seed):
+@pytest.mark.parametrize("sampler, query, seed, scale, rows", [  # i, k: 1, 3 and 0, 2
+    ("student", "code", 1, (0.8, 1.2), "code"), ("teacher", "ddim", 4, (0.5, 0.6), "all")])
+def test_training_step_against_a_second_route(sampler, query, seed, scale, rows):
     """One step (train_spm.py l.146-274) recomputed: the pair i, k and the dynamic resolution replayed from a copy of
     the generator; z by a hand DDIM loop of the sampling model (the membrane model, or the base) on [∅, target_i] at
     guidance 3 through the first k of the 4-step schedule's timesteps (751, 501, 251, 1); the query timestep
@@ -358,7 +357,8 @@ def test_training_step_against_a_second_route(sampler, query, seed):
     cfg = compose_cfg(["model=tiny", "concept=nudity", "concept.targets=[nudity,naked person]",
                        "+concept.spm={positive:[a nude body,a bare body],neutral:[a dressed person,a clothed body]}",
                        "method=spm", "method.ddim_steps=4", "method.erase_guidance=2.0", f"method.sampler={sampler}",
-                       f"method.query_timestep={query}", f"trainer.seed={seed}"])
+                       f"method.query_timestep={query}", f"trainer.seed={seed}", f"method.anchor_scale={list(scale)}",
+                       f"method.anchor_rows={rows}"])
     method_cls, mcfg = validate(cfg)
     seed_everything(0)
     models = load_models(cfg.model, "cpu")
@@ -392,8 +392,8 @@ def test_training_step_against_a_second_route(sampler, query, seed):
         positive = eps(base, z, t, emb([["a nude body", "a bare body"][i]]))
         neutral = eps(base, z, t, emb([["a dressed person", "a clothed body"][i]]))
     erase = ((eps(student, z, t, e_t) - (neutral - 2.0 * (positive - neutral))) ** 2).mean()
-    anchors = sample_anchors(e_t, 4, r, (0.8, 1.2))
-    conds = torch.cat([e_u, anchors[2:3], e_u, anchors[3:4]])
+    anchors = sample_anchors(e_t, 4, r, scale)
+    conds = torch.cat([e_u, anchors[2:3], e_u, anchors[3:4]]) if rows == "code" else anchors
     zs = z.expand(4, -1, -1, -1)
     with torch.no_grad():
         anchor_base = eps(base, zs, t, conds)
@@ -404,3 +404,22 @@ def test_training_step_against_a_second_route(sampler, query, seed):
     assert terms["erase"].item() == pytest.approx(erase.item(), rel=1e-4)
     assert terms["anchor"].item() == pytest.approx(anchor.item(), rel=1e-4) and anchor.item() > 0
     assert terms["loss"].item() == pytest.approx(erase.item() + 1000.0 * anchor.item(), rel=1e-4)
+
+
+def test_without_latent_anchoring_the_loss_is_the_erase_loss():
+    """pikachu/prompt.yaml action "erase" (latent_anchoring false): no anchors are drawn, the loss is L_erase."""
+    from erasure.config import validate
+    from erasure.models import load_models
+    from erasure.session import Session, seed_everything
+
+    def terms(anchoring: bool):
+        cfg = compose_cfg(["model=tiny", "concept=nudity", "method=spm", "method.ddim_steps=4",
+                           f"method.latent_anchoring={str(anchoring).lower()}"])
+        method_cls, mcfg = validate(cfg)
+        seed_everything(0)
+        sess = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, mcfg)
+        return sess.method.training_step(1)
+
+    plain, anchored = terms(False), terms(True)
+    assert set(plain) == {"loss", "erase"} and plain["loss"].equal(plain["erase"])
+    assert plain["erase"].item() == anchored["erase"].item()  # the same draws up to the anchors
