@@ -444,7 +444,7 @@ SESSION_STATE = {
     "advunlearn": (["concept=circle", "method=advunlearn", "method.ddim_steps=4", "method.attack_step=2",
                     "method.warmup_iter=1", "method.retain_batch=3"], 2),
     "ours_adversarial": (["concept=circle", "method=ours", "method.T=4", "method.adversarial=true",
-                          "method.adv_steps=2", "method.adv_warmup=1", "method.adv_every=2"], 2),
+                          "method.adv_steps=2", "method.adv_warmup=1", "method.adv_every=3"], 2),  # attacks at 1, 4
     "mace": (["concept=nudity", "method=mace", "concept.mace.concepts=[nudity]", "method.data=generate",
               "method.use_mask=false", "method.num_images=3", "method.generate_steps=2"], 2),  # one image left
 }
