@@ -246,16 +246,8 @@ class SPM(AdapterMethod):
                 raise UserError(f"method.{key} must be one of {', '.join(allowed)}, got '{getattr(cfg, key)}'")
         if cfg.ddim_steps < 2:
             raise UserError(f"method.ddim_steps must be at least 2, got {cfg.ddim_steps}")
-        if cfg.rank < 1 or cfg.anchors < 1:
-            raise UserError(f"method.rank and method.anchors must be at least 1, got {cfg.rank} and {cfg.anchors}")
-        if cfg.la_strength < 0 or cfg.lr_warmup_steps < 0 or cfg.lr_scheduler_num_cycles < 1:
-            raise UserError("method.la_strength and method.lr_warmup_steps must be >= 0 and "
-                            "method.lr_scheduler_num_cycles >= 1")
-        scale = list(cfg.anchor_scale)
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-            raise UserError(f"method.anchor_scale must be [low, high] with 0 < low <= high, got {list(cfg.anchor_scale)}")
-        if not cfg.transport_power > 0:
-            raise UserError(f"method.transport_power must be > 0, got {cfg.transport_power}")
+        # rank, anchors, la_strength, lr_warmup_steps, lr_scheduler_num_cycles, anchor_scale and transport_power: their
+        # ranges are erasure/schema.py's (checked with every config)
         if not cfg.containers:
             raise UserError("method.containers must name at least one module class (the code's: Transformer2DModel)")
 

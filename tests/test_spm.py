@@ -231,16 +231,17 @@ def test_spm_run_trains_the_membrane_and_its_delta_generates_with_transport(spm_
     # every allowed value of each choice is accepted (the defaults are the first ones)
     ("method.sampler=teacher", None), ("method.query_timestep=ddim", None), ("method.anchor_rows=all", None),
     ("method.lr_scheduler=constant", None), ("method.sampler=ema", "method.sampler must be one of"),
-    # each number at its edge is accepted and one step beyond it refused, one key at a time
+    # each number at its edge is accepted and one step beyond it refused, one key at a time (SPM checks ddim_steps
+    # itself; the other ranges are erasure/schema.py's)
     ("method.ddim_steps=2", None), ("method.ddim_steps=1", "method.ddim_steps must be at least 2"),
-    ("method.anchors=1", None), ("method.anchors=0", "method.rank and method.anchors"),
-    ("method.rank=0", "method.rank and method.anchors"),
-    ("method.la_strength=0", None), ("method.la_strength=-0.5", "method.la_strength"),
-    ("method.lr_warmup_steps=0", None), ("method.lr_warmup_steps=-1", "method.la_strength"),
-    ("method.lr_scheduler_num_cycles=1", None), ("method.lr_scheduler_num_cycles=0", "method.la_strength"),
+    ("method.anchors=1", None), ("method.anchors=0", "method.anchors must be at least 1"),
+    ("method.rank=0", "method.rank must be at least 1"),
+    ("method.la_strength=0", None), ("method.la_strength=-0.5", "method.la_strength must be a finite number >= 0"),
+    ("method.lr_warmup_steps=0", None), ("method.lr_warmup_steps=-1", "method.lr_warmup_steps must be at least 0"),
+    ("method.lr_scheduler_num_cycles=1", None), ("method.lr_scheduler_num_cycles=0", "method.lr_scheduler_num_cycles must be at least 1"),
     ("method.anchor_scale=[0.5,0.5]", None), ("method.anchor_scale=[0,1]", "method.anchor_scale"),
     ("method.anchor_scale=[2,1]", "method.anchor_scale"), ("method.anchor_scale=[0.5]", "method.anchor_scale"),
-    ("method.transport_power=0.5", None), ("method.transport_power=0", "method.transport_power")])
+    ("method.transport_power=0.5", None), ("method.transport_power=0", "method.transport_power must be a positive")])
 def test_spm_range_edges(override, words):
     from erasure.cli import precheck_train_args
     from erasure.errors import UserError
