@@ -273,8 +273,9 @@ class AdvUnlearn(ErasureMethod):
         return {"loss": retain, "retain": retain}
 
     def state_dict(self) -> dict:
+        # the adversarial embeddings warm-start the next attack; their attack's loss history is logged once, when made
         return {"word": self.word, "attack_round": self.attack_round, "unseen": list(self.unseen),
-                **({"adv": self.adv.adv, "adv_losses": self.adv.losses} if self.adv is not None else {})}
+                **({"adv": self.adv.adv} if self.adv is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.word = int(state["word"])
@@ -282,4 +283,4 @@ class AdvUnlearn(ErasureMethod):
         self.unseen = [int(i) for i in state["unseen"]]
         if "adv" in state:
             self.adv = soft_prompt(self.ctx.models.text_encoder, self.tokenizer, self.targets[self.word],
-                                   state["adv"].to(self.ctx.device), state.get("adv_losses"))
+                                   state["adv"].to(self.ctx.device))

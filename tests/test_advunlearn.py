@@ -238,8 +238,8 @@ def test_retain_train_reg_draws_its_own_start_codes_at_the_unlearn_draws_timeste
     assert terms["unlearn"].item() == pytest.approx(((en - (eu - (ec - eu))) ** 2).mean().item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("attack_init", ["latest", "random"])
-def test_each_attack_starts_from_the_latest_prompt_or_a_fresh_random_one(attack_init, monkeypatch):
+@pytest.mark.parametrize("attack_init, attack_method", [("latest", "pgd"), ("random", "fast_at")])
+def test_each_attack_starts_from_the_latest_prompt_or_a_fresh_random_one(attack_init, attack_method, monkeypatch):
     """attack_util.py init_adv: the first attack starts from k vocabulary embeddings drawn from the generator (replayed
     here: the word, then the token ids); later ones from the previous attack's result (attack_init latest) or from
     new random tokens (random). The attack runs on the current word's own embedding (the target's row)."""
@@ -250,10 +250,13 @@ def test_each_attack_starts_from_the_latest_prompt_or_a_fresh_random_one(attack_
 
     def recording_attack(text_encoder, tokenizer, prompt, init, *args, **kwargs):  # the real attack, its inputs kept
         seen.append((prompt, init.clone()))
+        assert kwargs["method"] == attack_method and {id(p) for p in kwargs["frozen"]} == \
+            {id(p) for p in sess.trainable.values()}  # the trained weights held still during the attack
         return real_attack(text_encoder, tokenizer, prompt, init, *args, **kwargs)
 
     monkeypatch.setattr(advunlearn_module, "soft_prompt_attack", recording_attack)
-    sess, models, _ = session([f"method.attack_init={attack_init}", "method.adv_prompt_num=2"])
+    sess, models, _ = session([f"method.attack_init={attack_init}", "method.adv_prompt_num=2",
+                               f"method.attack_method={attack_method}"])
     method = sess.method
     table = models.text_encoder.get_input_embeddings().weight.detach()
     method.training_step(1)  # warm-up (iteration 0 < warmup_iter 1): no attack
@@ -271,6 +274,18 @@ def test_each_attack_starts_from_the_latest_prompt_or_a_fresh_random_one(attack_
     if attack_init == "random":
         rows = seen[1][1][0]  # each a row of the vocabulary table, and not the first attack's tokens again
         assert bool((rows[:, None, :] == table[None]).all(-1).any(-1).all()) and not rows.equal(first[0])
+
+
+@pytest.mark.parametrize("retain_train, steps", [("iter", 3), ("reg", 1)])
+def test_retain_train_iter_adds_its_optimizer_steps_and_reg_does_not(retain_train, steps):
+    """AdvUnlearn.py l.165-195: retain_train iter follows each erasing step with retain_step retain-only optimizer steps
+    (here 2: three AdamW updates per iteration, the last reported as ``retain``); reg puts the retain loss in the one
+    step's loss."""
+    sess, _, _ = session([f"method.retain_train={retain_train}", "method.retain_step=2"])
+    terms = sess.step(1)
+    assert "retain" in terms and "unlearn" in terms
+    counts = {int(state["step"]) for state in sess.optimizer.state.values()}
+    assert counts == {steps}
 
 
 # ---------------------------------------------------------------- training, delta, generation
