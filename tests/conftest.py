@@ -49,6 +49,19 @@ def assert_refused_in_one_sentence(overrides: list[str], match: str) -> None:
         validate(compose_cfg(overrides))
     assert "\n" not in str(err.value)
 
+def assert_precheck(argv: list[str], words: str | None) -> None:
+    """`python -m erasure.train <argv>`'s checks before any model loads (``precheck_train_args``): accepted when
+    ``words`` is None, else refused with a UserError matching ``words``."""
+    from erasure.cli import precheck_train_args
+    from erasure.errors import UserError
+
+    if words is None:
+        precheck_train_args(argv)
+    else:
+        with pytest.raises(UserError, match=words):
+            precheck_train_args(argv)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     return compose_cfg(["model=tiny", "concept=nudity"])

@@ -15,7 +15,7 @@ from baselines.fmn import concept_positions, resteering_loss
 from baselines.sdd import ema_update, sdd_loss
 from erasure.delta import read_delta
 from erasure.trainer import train
-from tests.conftest import build_method, compose_cfg
+from tests.conftest import assert_precheck, build_method, compose_cfg
 
 # tiny anchor / reference sets so that the methods that generate images start in well under a second
 SMALL = {
@@ -319,15 +319,7 @@ def test_two_iterations_end_to_end(method, tmp_path):
     ("method.ema_decay=-0.1", "method.ema_decay must be"),
     ("method.ddim_steps=2", None), ("method.ddim_steps=1", "method.ddim_steps must be at least 2")])
 def test_sdd_range_edges(override, words):
-    from erasure.cli import precheck_train_args
-    from erasure.errors import UserError
-
-    argv = ["model=tiny", "concept=nudity", "method=sdd", override]
-    if words is None:
-        precheck_train_args(argv)
-    else:
-        with pytest.raises(UserError, match=words):
-            precheck_train_args(argv)
+    assert_precheck(["model=tiny", "concept=nudity", "method=sdd", override], words)
 
 
 @pytest.mark.parametrize("option, words", [

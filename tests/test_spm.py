@@ -18,7 +18,7 @@ from erasure.adapters import attach, attached
 from erasure.delta import load_run, read_delta
 from erasure.generation import default_sampler, generate
 from erasure.trainer import train
-from tests.conftest import compose_cfg, shared_scope
+from tests.conftest import assert_precheck, compose_cfg, shared_scope
 
 
 # ---------------------------------------------------------------------------------------------- the membrane
@@ -243,15 +243,7 @@ def test_spm_run_trains_the_membrane_and_its_delta_generates_with_transport(spm_
     ("method.anchor_scale=[2,1]", "method.anchor_scale"), ("method.anchor_scale=[0.5]", "method.anchor_scale"),
     ("method.transport_power=0.5", None), ("method.transport_power=0", "method.transport_power must be a positive")])
 def test_spm_range_edges(override, words):
-    from erasure.cli import precheck_train_args
-    from erasure.errors import UserError
-
-    argv = ["model=tiny", "concept=nudity", "method=spm", override]
-    if words is None:
-        precheck_train_args(argv)
-    else:
-        with pytest.raises(UserError, match=words):
-            precheck_train_args(argv)
+    assert_precheck(["model=tiny", "concept=nudity", "method=spm", override], words)
 
 
 def test_anchor_rows_and_the_learning_rate_schedule():
