@@ -131,7 +131,7 @@ concepts: install ## every method x the 11 toy concepts, 1 seed -> outputs/conce
 concepts-smoke: install ## the concepts pipeline at tiny sizes (2 concepts, 3 methods, 2 iterations, 1 probe seed) -> $(CONCEPTS_SMOKE_OUT)
 	OMP_NUM_THREADS=$(TABLE1_THREADS) $(PY) -m eval.concepts 'concepts=[circle,red]' 'methods=[ours,uce,mace]' \
 	  'train_overrides="trainer.iterations=2 trainer.preview_every=0 concept.probe.seeds=1"' $(SMOKE_METHODS) \
-	  out=$(CONCEPTS_SMOKE_OUT) $(CONCEPTS_ARGS)
+	  out=$(CONCEPTS_SMOKE_OUT) record=null $(CONCEPTS_ARGS)
 # ---- end of across concepts
 
 # ---- lambda sweep and figures (issue 8)

@@ -2,7 +2,8 @@
 concepts as the replicates.
 
 Input: ``<runs_root>/<concept>/<method>/`` with ``delta.safetensors``, ``summary.json`` and ``config.yaml`` (a run
-is finished when all three exist). :func:`collect` reads the numbers, :func:`summary_table` and
+is finished when all three exist), or else the run's record ``<records>/<concept>/<method>/`` (``summary.json``,
+``config.yaml``, ``recorded.json``: :func:`eval.experiment.record_run`). :func:`collect` reads the numbers, :func:`summary_table` and
 :func:`per_concept_tables` lay them out for :mod:`eval.render`, :func:`ranks` and :func:`order_holds` count which
 method wins where, :func:`broken_prompts` lists the preserved prompts a run broke and what they became,
 :func:`figure` draws concept rate against SSIM and :func:`report` writes it all.
@@ -35,6 +36,7 @@ METRICS = ("concept_rate_after", "preserved_accuracy_after", "preserved_color_ac
 RANKED = ("ssim_preserved", "preserved_attr_accuracy", "concept_rate_after")  # what ranks() counts
 ATTR_KEY = {"shape": "preserved_accuracy", "color": "preserved_color_accuracy"}  # the concept's own attribute
 RUN_FILES = ("delta.safetensors", "summary.json", "config.yaml")
+RECORD_FILES = ("summary.json", "config.yaml", "recorded.json")  # as eval.experiment.RECORD_FILES
 
 
 def _number(v) -> float | None:
@@ -55,6 +57,10 @@ def _shown(key: str, value: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- reading
+def _has(folder: Path, names: tuple[str, ...]) -> bool:
+    return all((folder / name).is_file() for name in names)
+
+
 def _probe(config: Path) -> dict:
     """The concept's probe and instruction concepts from a run's composed config."""
     concept = OmegaConf.to_container(OmegaConf.load(config), resolve=False).get("concept") or {}
@@ -77,22 +83,28 @@ def _record(summary: dict, kind: str | None, when: str) -> dict:
     return out
 
 
-def collect(runs_root: str | Path, concepts: list[str], methods: list[str]) -> dict:
-    """The numbers of every (concept, method) run below ``runs_root``.
+def collect(runs_root: str | Path, concepts: list[str], methods: list[str], records: str | Path | None = None) -> dict:
+    """The numbers of every (concept, method) run below ``runs_root``, or, for a run whose folder is not finished
+    there, of its record below ``records``.
 
     Returns {root, concepts, methods, kinds: {concept: "shape" | "color" | None}, probes: {concept: {attribute,
     label, preserve}}, base: {concept: record | None}, runs: {concept: {method: record | None}}, missing: [(concept,
-    method)]}. A run's record holds the summary's after-values under their summary keys (``concept_rate_after``, ...,
+    method)], from_records: ["concept/method" read from a record]}. A run's record holds the summary's after-values under their summary keys (``concept_rate_after``, ...,
     ``ssim_preserved``), ``preserved_attr_accuracy``, ``ssim_target``, ``train_time_s``, the per-prompt dicts
     (``preserved_per_prompt``, ``preserved_predictions``; None when absent), the same before-values (``before``) and
     its instruction concepts. The base record (the first finished run's before-values) uses the after-keys too.
     """
     root = Path(runs_root)
     data = dict(root=str(root), concepts=list(concepts), methods=list(methods), kinds={}, probes={}, base={},
-                runs={}, missing=[])
+                runs={}, missing=[], from_records=[], records=str(records) if records is not None else None)
     for c in concepts:
         folders = {m: root / c / m for m in methods}
-        finished = [m for m, f in folders.items() if all((f / name).is_file() for name in RUN_FILES)]
+        for m, f in folders.items():
+            kept = Path(records) / c / m if records is not None else None
+            if not _has(f, RUN_FILES) and kept is not None and _has(kept, RECORD_FILES):
+                folders[m] = kept
+                data["from_records"].append(f"{c}/{m}")
+        finished = [m for m, f in folders.items() if _has(f, RUN_FILES) or f"{c}/{m}" in data["from_records"]]
         configs = [f for m in sorted(methods, key=lambda m: m not in finished)  # a finished run's first
                    if (f := folders[m] / "config.yaml").is_file()]
         probe = _probe(configs[0]) if configs else dict(attribute=None, label=None, preserve=[], instructions=[])
@@ -373,6 +385,11 @@ def report(data: dict, out_dir: str | Path, title: str, threshold: float = 0.8) 
               [f"None: every preserved prompt the base model got right stayed at or above {threshold:g}.", ""]
     md += ["## Missing runs", ""]
     md += [f"- {c}/{m}" for c, m in data["missing"]] or ["None."]
+    if data.get("from_records"):
+        md += ["", "## Runs read from their records", "",
+               f"{_count(len(data['from_records']), 'run')} had no finished run folder here and came from "
+               f"{data.get('records') or 'the records'} (summary, config and where and when each was trained, "
+               f"recorded.json): {', '.join(data['from_records'])}."]
     text = "\n".join(md).rstrip("\n") + "\n"
     write_text_atomic(out / "concepts.md", text)
     log.info("concepts report -> %s", out / "concepts.md")

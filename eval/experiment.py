@@ -57,6 +57,7 @@ class TrainJob:
     config: DictConfig  # what erasure.train composes from the overrides
 
     resume: bool = False  # set by needs_training: the folder holds this job's unfinished run with a checkpoint
+    record: Path | None = None  # where the finished run's numbers are kept (record_run); a matching record is reused
 
     @property
     def command(self) -> list[str]:
@@ -89,6 +90,45 @@ def finished(run_dir: Path) -> bool:
     return all((run_dir / f).is_file() for f in ("delta.safetensors", "summary.json", "config.yaml"))
 
 
+# A record is what a report needs of a finished run, small enough to commit (results/concepts): its summary and
+# config, and where and when it was trained (recorded.json). The weights stay in the run folder.
+RECORD_FILES = ("summary.json", "config.yaml", "recorded.json")
+
+
+def recorded(record_dir: Path | None) -> bool:
+    return record_dir is not None and all((record_dir / f).is_file() for f in RECORD_FILES)
+
+
+def record_run(run_dir: Path, record_dir: Path, wall_s: float | None = None) -> bool:
+    """Copy a finished run's summary and config to ``record_dir`` with ``recorded.json`` (trained when: the summary's
+    time; on which machine; the code's commit; the wall-clock seconds of its training process when known).
+    Returns False when the record already holds this run (same summary). Each file is written atomically."""
+    summary = (run_dir / "summary.json").read_text()
+    if recorded(record_dir) and (record_dir / "summary.json").read_text() == summary:
+        return False
+    if recorded(record_dir) and _saved_config(record_dir) != _saved_config(run_dir):
+        log.warning("not recorded: %s holds a run of another config than %s (remove that folder to record this "
+                    "run in its place, or give the experiment another record=<folder>)", record_dir, run_dir)
+        return False
+    if recorded(record_dir):
+        log.warning("replacing the record %s with the run %s (same config, trained again)", record_dir, run_dir)
+    when = datetime.datetime.fromtimestamp((run_dir / "summary.json").stat().st_mtime).isoformat(timespec="seconds")
+    meta = dict(run_dir=str(run_dir), trained=when, machine=machine(), code=_commit(), wall_s=wall_s)
+    write_text_atomic(record_dir / "config.yaml", (run_dir / "config.yaml").read_text())
+    write_text_atomic(record_dir / "summary.json", summary)
+    write_text_atomic(record_dir / "recorded.json", to_json(meta, indent=2) + "\n")  # last: marks it complete
+    log.info("recorded %s -> %s", run_dir, record_dir)
+    return True
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 @functools.cache
 def _fingerprint(model_yaml: str) -> str:
     from erasure.models import load_models
@@ -96,20 +136,31 @@ def _fingerprint(model_yaml: str) -> str:
     return load_models(OmegaConf.create(model_yaml), "cpu").fingerprint
 
 
-def same_run(job: TrainJob) -> bool:
-    """Whether the folder's saved ``config.yaml`` is the config this job would train (``resume``/``overwrite``
-    aside), compared after the same validation ``erasure.train`` applies (shortcuts copied into the method)."""
+def same_run(job: TrainJob, folder: Path | None = None) -> bool:
+    """Whether the ``config.yaml`` saved in ``folder`` (the job's run folder by default) is the config this job would
+    train (``resume``/``overwrite`` aside), compared after the same validation ``erasure.train`` applies (shortcuts
+    copied into the method)."""
     from erasure.config import validate
 
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(job.run_dir / "config.yaml"), resolve=True)
-    except Exception:  # unreadable or torn: not this job's run
+    saved = _saved_config(folder or job.run_dir)
+    if saved is None:  # unreadable or torn: not this job's run
         return False
     mine = job.config.copy()
     validate(mine)
-    mine = OmegaConf.to_container(mine, resolve=True)
-    drop = lambda c: {k: v for k, v in c.items() if k not in ("resume", "resume_edited", "overwrite")}  # noqa: E731
-    return drop(mine) == drop(saved)
+    return _without_run_keys(OmegaConf.to_container(mine, resolve=True)) == saved
+
+
+def _without_run_keys(config: dict) -> dict:
+    """A run's config without the keys that say how it was started rather than what it trains."""
+    return {k: v for k, v in config.items() if k not in ("resume", "resume_edited", "overwrite")}
+
+
+def _saved_config(folder: Path) -> dict | None:
+    """``folder/config.yaml`` as a dict without the start keys, or None when it cannot be read."""
+    try:
+        return _without_run_keys(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"), resolve=True))
+    except Exception:
+        return None
 
 
 def needs_training(job: TrainJob, reuse: bool) -> bool:
@@ -117,6 +168,10 @@ def needs_training(job: TrainJob, reuse: bool) -> bool:
     same config with a checkpoint (an experiment killed mid-training) is continued from it (``job.resume``)."""
     from erasure.checkpoint import list_checkpoints
 
+    if not finished(job.run_dir) and reuse and recorded(job.record) and _same_base(job, job.record) \
+            and same_run(job, job.record):
+        log.info("reusing the recorded run %s (its run folder %s is not here)", job.record, job.run_dir)
+        return False
     if not finished(job.run_dir):
         job.resume = bool(reuse and list_checkpoints(job.run_dir) and same_run(job))
         if job.resume:
@@ -124,14 +179,17 @@ def needs_training(job: TrainJob, reuse: bool) -> bool:
         return True
     if not reuse:
         return True
-    trained_on = json.loads((job.run_dir / "summary.json").read_text()).get("base_fingerprint")
-    base = _fingerprint(OmegaConf.to_yaml(job.config.model, resolve=True))
-    if trained_on == base:
+    if _same_base(job, job.run_dir):
         log.info("reusing the finished run %s", job.run_dir)
         return False
-    log.warning("run %s was trained on base %s, the current base is %s: training it again", job.run_dir, trained_on,
-                base)
+    log.warning("run %s was trained on another base model than the current one: training it again", job.run_dir)
     return True
+
+
+def _same_base(job: TrainJob, folder: Path) -> bool:
+    """Whether the run in ``folder`` (its summary.json) was trained on the job's base model (same fingerprint)."""
+    trained_on = json.loads((folder / "summary.json").read_text()).get("base_fingerprint")
+    return trained_on == _fingerprint(OmegaConf.to_yaml(job.config.model, resolve=True))
 
 
 def _die_with_parent() -> None:
@@ -184,6 +242,7 @@ def run_training(jobs: list[TrainJob], n_jobs: int, reuse: bool) -> tuple[dict, 
 
 def _train_all(todo: list[TrainJob], running: dict, n_jobs: int) -> tuple[dict, dict]:
     timings, failed = {}, {}
+    records = {j.name: j.record for j in todo}
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     total = len(todo)
     while todo or running:
@@ -210,6 +269,8 @@ def _train_all(todo: list[TrainJob], running: dict, n_jobs: int) -> tuple[dict, 
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
                 timings[name] = round(time.perf_counter() - t0, 1)
                 log.info("trained %s in %.0f s", name, timings[name])
+                if records.get(name) is not None:  # at once: an experiment stopped later keeps what it finished
+                    record_run(run_dir, records[name], timings[name])
     return timings, failed
 
 
@@ -514,6 +575,11 @@ def run_concepts(cfg: DictConfig, command: str) -> dict:
     methods = chosen_methods(cfg)
     jobs = [train_job(_with_concept(cfg, c), m, out / "runs" / c / m, f"{m} on {c}",
                       [f"trainer.seed={int(cfg.seed)}"]) for c in concepts for m in methods]
+    records = resolve_path(cfg.record) if cfg.get("record") else None
+    for j in jobs:
+        j.record = records / j.run_dir.relative_to(out / "runs") if records else None
+        if j.record is not None and finished(j.run_dir):  # runs finished before recording was on, or by hand
+            record_run(j.run_dir, j.record)
     missing = {}
     if not cfg.train:
         missing = {j.name: f"{j.name} (not trained: train=false)" for j in jobs if needs_training(j, True)}
@@ -523,9 +589,10 @@ def run_concepts(cfg: DictConfig, command: str) -> dict:
     training_s = time.perf_counter() - t0
     from . import concept_tables  # after training: its report needs only the finished runs
 
-    data = concept_tables.collect(out / "runs", concepts, methods)
+    data = concept_tables.collect(out / "runs", concepts, methods, records)
     meta = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine(),
                 torch_threads=os.environ.get("OMP_NUM_THREADS"), concepts=concepts, methods=methods,
+                record=str(records) if records else None, from_records=data["from_records"],
                 seed=int(cfg.seed), training_s=round(training_s, 1), trained=times, failed=failed,
                 total_s=round(time.perf_counter() - start, 1))
     write_text_atomic(out / "concepts_meta.json", to_json(meta, indent=2) + "\n")

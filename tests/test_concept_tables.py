@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -119,6 +120,33 @@ def test_collect_reads_kinds_base_and_missing(data):
     assert data["base"]["square"]["concept_rate_after"] == 0.9
     assert data["base"]["red"]["preserved_attr_accuracy"] == 0.9
     assert "ssim_preserved" not in data["base"]["red"]
+
+
+def test_collect_takes_a_run_without_its_folder_from_its_record(runs, tmp_path):
+    """A fresh clone has no run folders (outputs/ is not committed) but the committed records: a run missing here
+    comes from <records>/<concept>/<method> (summary, config, recorded.json); a finished run folder wins over its
+    record; a record without recorded.json (torn) is not read."""
+    records = tmp_path / "records"
+    keep = records / "square" / "uce"  # square/uce never finished in runs/: its numbers come from the record
+    keep.mkdir(parents=True)
+    summary = _summary("square", "ours") | {"method": "uce", "concept_rate_after": 0.05}
+    (keep / "summary.json").write_text(json.dumps(summary))
+    (keep / "config.yaml").write_text(yaml.safe_dump(_config("square")))
+    (keep / "recorded.json").write_text("{}")
+    stale = records / "circle" / "ours"  # circle/ours is finished in runs/: the run folder is read, not this
+    shutil.copytree(keep, stale)
+    torn = records / "red" / "esd"
+    shutil.copytree(keep, torn)
+    shutil.rmtree(runs / "red" / "esd")
+    (torn / "recorded.json").unlink()
+
+    data = ct.collect(runs, CONCEPTS, METHODS, records)
+    assert data["from_records"] == ["square/uce"] and data["missing"] == [("red", "esd")]
+    assert data["runs"]["square"]["uce"]["concept_rate_after"] == 0.05
+    assert data["runs"]["circle"]["ours"]["concept_rate_after"] == 0.2
+    report = ct.report(data, tmp_path / "out", "t")
+    assert "came from" in report and "square/uce" in report.split("## Runs read from their records")[1]
+    assert ct.collect(runs, CONCEPTS, METHODS)["missing"] == [("square", "uce"), ("red", "esd")]
 
 
 def test_summary_table_mean_std_over_concepts(data):

@@ -139,6 +139,43 @@ def test_a_killed_experiment_continues_its_unfinished_runs_from_their_checkpoint
     assert experiment.needs_training(same, True) and not same.resume and "overwrite=true" in same.command
 
 
+def test_a_finished_run_is_recorded_at_once_and_its_record_stands_in_for_a_lost_run_folder(tmp_path, monkeypatch):
+    """The records (results/concepts, committed) keep a finished run's summary and config when outputs/ is gone (a
+    fresh clone): the run is recorded as soon as it finishes, a job of the same config and base model is then not
+    trained again, and a job of another config is; a run of another config does not replace the record."""
+    import json
+    import shutil
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = compose("experiment/table1", [*TINY, f"out={tmp_path}"])
+    records = tmp_path / "records"
+
+    def job(folder, *extra):
+        j = experiment.train_job(cfg, "ours", tmp_path / folder, folder, list(extra))
+        j.record = records / folder
+        return j
+
+    first = job("a")
+    times, failed = experiment.run_training([first], 1, True)
+    assert not failed and experiment.recorded(records / "a")
+    for name in ("summary.json", "config.yaml"):
+        assert (records / "a" / name).read_text() == (tmp_path / "a" / name).read_text()
+    meta = json.loads((records / "a" / "recorded.json").read_text())
+    assert meta["run_dir"] == str(tmp_path / "a") and meta["wall_s"] == times["a"] and meta["machine"]
+    assert not experiment.record_run(tmp_path / "a", records / "a")  # already recorded: nothing written
+
+    shutil.rmtree(tmp_path / "a")  # the run folder is lost, the record is not
+    assert not experiment.needs_training(job("a"), True)
+    assert experiment.needs_training(job("a"), False)  # reuse=false trains everything
+    assert experiment.needs_training(job("a", "trainer.seed=1"), True)  # another config: its record is not this run
+
+    other = job("b", "trainer.seed=1")
+    assert not experiment.run_training([other], 1, True)[1]
+    before = (records / "a" / "summary.json").read_text()
+    assert not experiment.record_run(tmp_path / "b", records / "a")  # another config: the record stays
+    assert (records / "a" / "summary.json").read_text() == before
+
+
 def test_a_bad_training_override_stops_before_any_training(tmp_path):
     from erasure.errors import UserError
 

@@ -44,7 +44,7 @@ def wait_for(condition, timeout: float, what: str):
 def start_experiment(tmp_path: Path) -> subprocess.Popen:
     # one long training (ours, 200 iterations on the toy world) in a child process
     cmd = [sys.executable, "-m", "eval.concepts", "concepts=[circle]", "methods=[ours]", f"out={tmp_path}",
-           'train_overrides="trainer.preview_every=0"', "jobs=1"]
+           'train_overrides="trainer.preview_every=0"', "jobs=1", "record=null"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
