@@ -165,7 +165,9 @@ test-resume: install ## kill a run with SIGKILL at a random step, resume it, com
 MUTANTS ?=
 mutation: install ## mutation testing (mutmut; [tool.mutmut] in pyproject.toml) of the method files, sampling, teacher, metrics and FID against the fast tests that reach them, then the scores and survivors (CPU hours; resumable; MUTANTS="baselines.esd*" for one module)
 	$(PY) -m pip show mutmut >/dev/null 2>&1 || $(PIP) install -q -e '.[mutation]'
-	OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children $(shell nproc) $(MUTANTS)
+	$(PY) -m tests.mutation_report --restore
+	OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children $(shell nproc) $(MUTANTS); status=$$?; \
+	  $(PY) -m tests.mutation_report --save; exit $$status
 	$(PY) -m tests.mutation_report
 
 mutation-report: ## the scores and survivors of the mutants checked so far (make mutation)

@@ -8,6 +8,12 @@ killed). A survivor that only changes the text of an error or log message (a ``r
 ``test_cli``/``test_config_validation``, not every wording, and no message changes a number of the comparison.
 
     python -m tests.mutation_report [--markdown]   # after `mutmut run`; reads ./mutants
+
+mutmut's verdicts live in ``mutants/`` (not committed: it also holds a mutated copy of every source file). So that
+a fresh clone continues where the last run stopped, ``--save`` copies the verdict files (``<module>.py.meta``) to
+``tests/mutation_state/`` (committed) and ``--restore`` copies them back into ``mutants/`` where it has none; mutmut
+keeps a verdict as long as its function's source is unchanged (it hashes each function) and checks again the
+mutants of changed functions. ``make mutation`` restores before and saves after ``mutmut run``.
 """
 from __future__ import annotations
 
@@ -170,6 +176,33 @@ def collect(root: Path = ROOT) -> dict[str, dict]:
     return out
 
 
+STATE = ROOT / "tests" / "mutation_state"
+
+
+def _copy_meta(src: Path, dst: Path, keep_existing: bool) -> list[str]:
+    """Copy each listed module's ``<module>.py.meta`` from ``src`` to ``dst`` (atomically; where ``dst`` already has
+    one, only unless ``keep_existing``). Returns the modules copied."""
+    from erasure.io import write_text_atomic
+
+    todo = {rel: (src / f"{rel}.meta").read_text() for rel in modules() if (src / f"{rel}.meta").is_file()
+            and not (keep_existing and (dst / f"{rel}.meta").is_file())}
+    for text in todo.values():
+        json.loads(text)  # one torn verdict file and nothing is copied
+    for rel, text in todo.items():
+        write_text_atomic(dst / f"{rel}.meta", text)
+    return list(todo)
+
+
+def save(state: Path = STATE) -> list[str]:
+    """mutants/ -> tests/mutation_state/ (the verdicts so far, to commit)."""
+    return _copy_meta(ROOT / "mutants", state, keep_existing=False)
+
+
+def restore(state: Path = STATE) -> list[str]:
+    """tests/mutation_state/ -> mutants/, for the modules mutants/ has no verdicts of yet (a fresh clone)."""
+    return _copy_meta(state, ROOT / "mutants", keep_existing=True)
+
+
 def score(row: dict) -> float | None:
     """Killed over checked, message and equivalent mutants aside (they are listed, not scored)."""
     scored = row["checked"] - len(row["message"]) - len(row["equivalent"])
@@ -200,7 +233,14 @@ def report(data: dict[str, dict], markdown: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print the table and survivors as markdown")
+    parser.add_argument("--save", action="store_true", help="copy mutmut's verdicts to tests/mutation_state/ (commit them)")
+    parser.add_argument("--restore", action="store_true", help="copy the committed verdicts into mutants/ where it has none")
     args = parser.parse_args()
+    if args.restore or args.save:
+        done = restore() if args.restore else save()
+        where = "tests/mutation_state -> mutants" if args.restore else "mutants -> tests/mutation_state"
+        print(f"{where}: {len(done)} module(s){': ' + ', '.join(done) if done else ''}")
+        return
     if not (ROOT / "mutants").is_dir():
         print("no mutants/ folder: run `make mutation` (mutmut run) first", file=sys.stderr)
         raise SystemExit(2)

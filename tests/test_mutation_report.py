@@ -48,3 +48,29 @@ def test_score_sets_message_and_equivalent_mutants_aside():
     row = dict(checked=10, killed=6, message=[1], equivalent=[1, 2], survived=[1])
     assert score(row) == pytest.approx(6 / 7)
     assert score(dict(checked=2, killed=0, message=[1], equivalent=[1], survived=[])) is None
+
+
+def test_the_verdicts_travel_through_the_committed_state(tmp_path):
+    """--save copies every listed module's verdicts out of mutants/; --restore copies them back only where mutants/
+    has none (a run in progress keeps its own), and never a torn file or a module outside [tool.mutmut]."""
+    import json
+
+    from tests import mutation_report as mr
+
+    mutants, state = tmp_path / "mutants", tmp_path / "state"
+    verdicts = {"exit_code_by_key": {"baselines.esd.x__mutmut_1": 1}, "hash_by_function_name": {"x": "h"}}
+    for rel in ("baselines/esd.py", "baselines/uce.py", "tests/conftest.py"):
+        (state / rel).parent.mkdir(parents=True, exist_ok=True)
+        (state / f"{rel}.meta").write_text(json.dumps(verdicts))
+    (mutants / "baselines").mkdir(parents=True)
+    (mutants / "baselines" / "uce.py.meta").write_text('{"exit_code_by_key": {}}')  # this run's own: kept
+    (state / "baselines" / "fmn.py.meta").write_text('{"exit_code_by_key": {')  # torn: refused
+    with pytest.raises(json.JSONDecodeError):
+        mr._copy_meta(state, mutants, keep_existing=True)
+    (state / "baselines" / "fmn.py.meta").unlink()
+    assert mr._copy_meta(state, mutants, keep_existing=True) == ["baselines/esd.py"]
+    assert json.loads((mutants / "baselines" / "esd.py.meta").read_text()) == verdicts
+    assert (mutants / "baselines" / "uce.py.meta").read_text() == '{"exit_code_by_key": {}}'
+    assert not (mutants / "tests").exists()
+    assert mr._copy_meta(mutants, state, keep_existing=False) == ["baselines/esd.py", "baselines/uce.py"]
+    assert (state / "baselines" / "uce.py.meta").read_text() == '{"exit_code_by_key": {}}'
