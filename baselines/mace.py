@@ -434,7 +434,7 @@ class MACE(AdapterMethod):
         per = [len(range(k, iterations, len(self.concepts))) for k in range(len(self.concepts))]
         log.info("MACE: %d concept(s) %s -> %s, templates per concept %s; LoRA steps per concept: %s",
                  len(self.concepts), self.concepts, self.mappings, [len(t) for t in self.templates], per)
-        models, device = ctx.models, ctx.device
+        models = ctx.models
         self.base = {name: p.detach().float().clone() for name, p in weights.items()}
         with torch.no_grad():
             self._prepare_closed_forms(s.preserve)
@@ -558,7 +558,7 @@ class MACE(AdapterMethod):
         with self.sets[k].multiplied(1.0), self.recorder.recording(ctx.unet):  # W_cfr + ΔW_k
             student_eps(ctx.unet, z, t, emb)
             probs = list(self.recorder.probs)
-        mask = self.masks[k][i][None] if cfg.use_mask and self.masks[k] is not None else None
+        mask = self.masks[k][i][None] if self.masks[k] is not None else None  # None: use_mask=false or data=generate
         loss = attention_map_loss(probs, self.positions[k][j][None], mask, cfg.loss_norm)
         return {"loss": loss}
 

@@ -25,7 +25,7 @@ import torch
 from . import registry, schema
 from .adapters import is_adapter_parameter
 from .cli import setup_logging
-from .config import CONF_DIR, compose
+from .config import compose
 from .errors import exit_on_user_error
 from .generation import Sampler, generate
 from .models import load_models

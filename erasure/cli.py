@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.experimental.callback import Callback
 
 from .config import compose, group_options, validate
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 GROUPS = ("model", "method", "concept", "params", "logger", "trainer")
 GROUP_WORD = {"params": "parameter subset"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,3 +337,82 @@ def test_training_step_against_a_second_route(tmp_path, importance, norm):
             plain = [p.flatten(0, 1) for p in attention_by_hand(m.ctx.unet, noised(x0, noise, t), t,
                                                                 m.prompt_emb[k][j][None])]
         assert abs(attention_map_loss(plain, positions, mask, norm).item() - expected.item()) > 1e-3 * expected.item()
+
+
+# ------------------------------------------------------------------------------------------- the image folder
+def test_the_image_folder_is_read_in_sorted_pairs_in_zero_one_with_channels_first(tmp_path):
+    """load_concept_folder: images (n, 3, R, R) = pixel / 255 in RGB order, masks (n, R, R) = pixel / 255, paired by
+    sorted file name; at the model's resolution nothing is resized. Values written here by hand."""
+    from baselines.mace import load_concept_folder
+
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat mask").mkdir()
+    pixels = {"b.png": (10, 200, 51), "a.png": (255, 0, 102)}  # sorted: a then b
+    for name, rgb in pixels.items():
+        arr = np.zeros((8, 8, 3), np.uint8)
+        arr[:] = rgb
+        arr[0, 1] = (1, 2, 3)  # one odd pixel: row 0, column 1
+        Image.fromarray(arr).save(tmp_path / "cat" / name)
+    for name, value in {"a_mask.png": 255, "b_mask.png": 51}.items():
+        m = np.zeros((8, 8), np.uint8)
+        m[2:, :3] = value
+        Image.fromarray(m).save(tmp_path / "cat mask" / name)
+
+    images, masks = load_concept_folder(tmp_path, "cat", True, 8)
+    assert images.shape == (2, 3, 8, 8) and masks.shape == (2, 8, 8) and images.dtype == torch.float32
+    assert images[0, :, 5, 5].tolist() == pytest.approx([1.0, 0.0, 0.4])
+    assert images[1, :, 5, 5].tolist() == pytest.approx([10 / 255, 200 / 255, 0.2])
+    assert images[1, :, 0, 1].tolist() == pytest.approx([1 / 255, 2 / 255, 3 / 255])  # (row, column), not swapped
+    assert masks[0, 5, 1] == 1.0 and masks[1, 5, 1] == pytest.approx(0.2) and masks[:, 1, 1].eq(0).all()
+    assert masks[0, :, 3:].eq(0).all() and masks[0, 2:, :3].eq(1).all()
+
+    only, none = load_concept_folder(tmp_path, "cat", False, 8)  # use_mask=false: the masks are not read
+    assert none is None and only.equal(images)
+
+
+def test_the_image_folder_is_resized_bicubic_and_its_masks_nearest(tmp_path):
+    """Off the model's resolution, images are resized with PIL's bicubic filter and masks with nearest, so that a
+    mask stays 0 or 1 (the project's choice: the official dataset.py crops 512-pixel images and never resizes)."""
+    from baselines.mace import load_concept_folder
+
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat mask").mkdir()
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "cat" / "0.png")
+    m = (np.indices((12, 12)).sum(0) % 2 * 255).astype(np.uint8)  # a checkerboard: any averaging filter shows
+    Image.fromarray(m).save(tmp_path / "cat mask" / "0.png")
+
+    images, masks = load_concept_folder(tmp_path, "cat", True, 8)
+    want = np.asarray(Image.fromarray(arr).resize((8, 8), Image.Resampling.BICUBIC), np.float32) / 255
+    assert images.shape == (1, 3, 8, 8)
+    assert torch.allclose(images[0].permute(1, 2, 0), torch.from_numpy(want))
+    other = np.asarray(Image.fromarray(arr).resize((8, 8), Image.Resampling.BILINEAR), np.float32) / 255
+    assert not np.allclose(want, other)  # the filter is visible at this size
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    want_mask = np.asarray(Image.fromarray(m).resize((8, 8), Image.Resampling.NEAREST), np.float32) / 255
+    assert torch.equal(masks[0], torch.from_numpy(want_mask))
+
+
+def test_the_image_folder_refuses_unpaired_masks_in_one_sentence(tmp_path):
+    from baselines.mace import load_concept_folder
+
+    write_folder(tmp_path, ["cat"], n=2, side=8)
+    (tmp_path / "cat mask" / "1_mask.png").unlink()
+    with pytest.raises(UserError, match="holds 2 images but .* 1 masks: give one mask per image"):
+        load_concept_folder(tmp_path, "cat", True, 8)
+    assert load_concept_folder(tmp_path, "cat", False, 8)[1] is None  # without masks the count does not matter
+    with pytest.raises(UserError, match="no folder .*dog"):
+        load_concept_folder(tmp_path, "dog", False, 8)
+
+
+def test_a_data_folder_is_found_absolute_from_the_working_directory_or_else_in_the_repository(tmp_path, monkeypatch):
+    from baselines.mace import resolve_dir
+
+    assert resolve_dir(str(tmp_path)) == tmp_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    assert resolve_dir("here") == Path("here")  # exists in the working directory: taken as it is
+    assert resolve_dir("conf/concept") == ROOT / "conf" / "concept"  # not here: the repository's
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_dir("~/here") == tmp_path / "here"

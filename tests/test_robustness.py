@@ -3,7 +3,6 @@ the toy world's base model against Table 1's concept rate, the detectors, the re
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest

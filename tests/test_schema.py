@@ -3,7 +3,6 @@ that no shipped schema field falls back to the default rule, hand-picked bad val
 property-based fuzz over every key of every method, the trainer and the model."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import yaml
