@@ -282,3 +282,17 @@ def test_a_subset_beyond_attn2_kv_is_refused(tmp_path):
     cfg = compose_cfg(["model=tiny", "concept=nudity", "method=rece", "params=xattn", "trainer.preview_every=0"])
     with pytest.raises(UserError, match=r"RECE edits only .*params=xattn also selects .*use params=xattn_kv"):
         train(cfg, tmp_path)
+
+
+def test_the_uce_stage_without_the_empty_prompt(rece_tiny):
+    """uce_preserve_empty=false: the UCE stage preserves the concept's prompts alone (no "" first, train_uce.py
+    l.286 otherwise), so the default scale is max(0.1, 1/2) = 0.5: UCE's own edit of exactly those two prompts."""
+    _, _, models = rece_tiny
+    preserve = "+concept.uce.preserve=['a cat','a dog']"
+    rece, _ = build(["method=rece", "method.epochs=0", preserve, "method.uce_preserve_empty=false"], models)
+    uce, _ = build(["method=uce", "method.tokens=trailing", preserve, "method.preserve_scale=0.5"], models)
+    got, expected = rece.closed_form(), uce.closed_form()
+    assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in got)
+    with_empty, _ = build(["method=uce", "method.tokens=trailing", "+concept.uce.preserve=['','a cat','a dog']",
+                           "method.preserve_scale=0.5"], models)  # "" preserved too: another edit
+    assert any(not torch.allclose(got[n], v, atol=1e-6) for n, v in with_empty.closed_form().items())
