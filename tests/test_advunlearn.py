@@ -351,3 +351,34 @@ def test_bad_settings_refused():
     assert_refused_in_one_sentence([*SMALL, "method.retain_train=both"], "method.retain_train must be one of")
     assert_refused_in_one_sentence([*SMALL, "method.attack_step=0"], "method.attack_step must be at least 1")
     assert_refused_in_one_sentence(["model=tiny", "concept=red", "method=advunlearn"], "needs retain prompts")
+
+
+def test_with_several_targets_each_attack_runs_on_the_word_drawn_for_its_round(monkeypatch):
+    """AdvUnlearn.py l.80: every adv_prompt_update_step iterations one target word is drawn (random.sample(words, 1);
+    here the generator's randint, replayed before each step) and the attack runs on that word's prompt; the unlearn
+    step then uses that word's embedding."""
+    import baselines.advunlearn as advunlearn_module
+    from erasure.adversarial import soft_prompt_attack as real_attack
+
+    seen = []
+
+    def recording_attack(text_encoder, tokenizer, prompt, *args, **kwargs):
+        seen.append(prompt)
+        return real_attack(text_encoder, tokenizer, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(advunlearn_module, "soft_prompt_attack", recording_attack)
+    words = ["a circle", "a round shape", "a ring"]
+    sess, models, _ = session(["concept.targets=[" + ",".join(f"'{w}'" for w in words) + "]", "method.warmup_iter=0",
+                               "method.attack_step=1", "method.adv_prompt_update_step=1"])
+    method = sess.method
+    assert method.emb_targets.shape[0] == 3
+    drawn = []
+    for step in range(1, 9):
+        g = torch.Generator()
+        g.set_state(method.ctx.generator.get_state())
+        drawn.append(int(torch.randint(0, 3, (1,), generator=g)))
+        method.training_step(step)
+        assert method.word == drawn[-1]
+    assert seen == [words[w] for w in drawn] and len(set(drawn)) > 1
+    rows = encode(models.text_encoder, models.tokenizer, words)
+    assert torch.allclose(method.emb_targets.float(), rows, atol=1e-5)  # row w is word w's own embedding
