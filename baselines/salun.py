@@ -335,7 +335,7 @@ class SalUn(ErasureMethod):
         if set(masks) != set(self.masks):
             raise UserError("the checkpoint's SalUn mask does not cover this run's trained parameters: resume with the "
                             "run's own config")
-        self.masks = {n: m.to(self.ctx.device, torch.bool) for n, m in masks.items()}
+        self.masks = {n: m.to(self.ctx.device) for n, m in masks.items()}  # bool, as saved (safetensors keeps the dtype)
         if self.masks:
             self.kept_fraction = sum(int(m.sum()) for m in self.masks.values()) / max(1, sum(m.numel() for m in self.masks.values()))
         self._retain_batches = [[int(i) for i in b] for b in state.get("retain_batches", [])]

@@ -438,8 +438,8 @@ def test_a_method_restored_from_its_checkpointed_state_takes_the_same_next_step(
 
 # whole-session resume in-process, for the methods whose state holds more than an order: AdvUnlearn (word, attack
 # round, unseen retain prompts, the adversarial prompt warm-starting the next attack; retain_train iter's follow-up
-# step), robust All-but-One (the attack counter and each target's adversarial prompt) and MACE (the images not yet
-# drawn in each concept's epoch)
+# step), robust All-but-One (the attack counter and each target's adversarial prompt), MACE (the images not yet
+# drawn in each concept's epoch) and SalUn (its mask and the retain batches left)
 SESSION_STATE = {
     "advunlearn": (["concept=circle", "method=advunlearn", "method.ddim_steps=4", "method.attack_step=2",
                     "method.warmup_iter=1", "method.retain_batch=3"], 2),
@@ -447,6 +447,10 @@ SESSION_STATE = {
                           "method.adv_steps=2", "method.adv_warmup=1", "method.adv_every=3"], 2),  # attacks at 1, 4
     "mace": (["concept=nudity", "method=mace", "concept.mace.concepts=[nudity]", "method.data=generate",
               "method.use_mask=false", "method.num_images=3", "method.generate_steps=2"], 2),  # one image left
+    # SalUn: the saliency mask and the retain batches left in the current pass (4 retain images in batches of 2: one
+    # left after a step); the restored mask also gives the logged mask_kept fraction
+    "salun": (["concept=nudity", "method=salun", "method.num_forget_images=4", "method.num_retain_images=4",
+               "method.image_steps=2", "method.batch_size=2", "method.mask_batch_size=2"], 1),
 }
 
 
@@ -461,7 +465,8 @@ def test_a_session_restored_from_a_checkpoint_on_disk_takes_the_same_next_step(m
     from erasure.session import Session, seed_everything
 
     overrides, k = SESSION_STATE[method]
-    cfg = compose_cfg(["model=tiny", *overrides, "method.lr=1e-2"])
+    cache = [f"method.cache_dir={tmp_path / 'images'}"] if method == "salun" else []  # its generated sets, made once
+    cfg = compose_cfg(["model=tiny", *overrides, *cache, "method.lr=1e-2"])
     method_cls, method_cfg = validate(cfg)
 
     def fresh() -> Session:
