@@ -209,6 +209,23 @@ def test_without_the_mask_every_weight_moves(cache):
     assert moved > 0.95 * sum(p.numel() for p in before.values())
 
 
+@pytest.mark.parametrize("n_retain, fresh_at", [(6, {1, 3}), (2, {1, 2, 3, 4})])
+def test_a_fresh_retain_pass_at_each_epoch_and_whenever_one_runs_out(cache, n_retain, fresh_at):
+    """random_label.py l.67-76: the retain loader is restarted at each epoch's start (here every 2 steps: 4 forget
+    images in batches of 2) and whenever it runs out. 6 retain images: a pass of 3 batches is cut short at step 3 (a
+    new epoch) with one batch left; 2 retain images: one batch a pass, so a fresh pass every step. Each fresh pass is
+    torch.randperm of the retain set drawn first from the step's generator (replayed here), cut into batches of 2."""
+    m, ctx = build(cache, [f"method.num_retain_images={n_retain}", "method.use_mask=false"])
+    expected: list[list[int]] = []
+    for step in range(1, 5):
+        g = torch.Generator()
+        g.set_state(ctx.generator.get_state())
+        if step in fresh_at:
+            order = torch.randperm(n_retain, generator=g).tolist()
+            expected = [order[i:i + 2] for i in range(0, n_retain, 2)]
+        assert m.draw(step)["retain_idx"] == expected.pop(0), step
+
+
 def test_a_loaded_mask_replaces_the_computed_one_and_the_draws_continue(cache):
     a, ctx_a = build(cache)
     a.draw(1), a.draw(2)
