@@ -378,3 +378,57 @@ def test_ablating_refuses_a_concept_without_its_data(override, words):
 
     with pytest.raises(UserError, match=words):
         precheck_train_args(["model=tiny", "concept=nudity", "method=ablating", override])
+
+
+# ------------------------------------------------------------------------- generated sets kept on disk (common.py)
+def test_cached_latents_are_keyed_by_everything_that_decides_them(tiny_models, tmp_path):
+    """cached_latents: the file's metadata holds the key written out here by hand (format, both fingerprints, the
+    sampler, guidance, batch size, prompts, count, seed, device, dtype); a second call with the same arguments reads
+    the file (the same latents, no new file); changing any one of seed, guidance, prompts, count or batch size makes a
+    new file (seed, guidance and prompts: other latents). The noise comes from its own generator: the method's is not drawn from."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from baselines.common import CACHE_FORMAT, cached_latents
+    from erasure.generation import Sampler
+
+    ctx = SimpleNamespace(models=tiny_models, generator=torch.Generator().manual_seed(5))
+    state = ctx.generator.get_state()
+    base = dict(prompts=["a cat", "a dog"], count=3, steps=2, guidance=3.0, seed=7, batch_size=2)
+
+    def call(**changes):
+        a = {**base, **changes}
+        return cached_latents(ctx, a["prompts"], a["count"], a["steps"], a["guidance"], seed=a["seed"],
+                              cache_dir=tmp_path, batch_size=a["batch_size"])
+
+    first, chosen = call()
+    assert chosen == ["a cat", "a dog", "a cat"] and first.shape[0] == 3
+    assert torch.equal(ctx.generator.get_state(), state)
+    files = sorted((tmp_path / "latents").iterdir())
+    assert len(files) == 1
+    with safe_open(str(files[0]), framework="pt") as f:
+        key = json.loads(f.metadata()["key"])
+    sampler = Sampler(tiny_models.generation_scheduler, steps=2, guidance=3.0, resolution=tiny_models.resolution,
+                      batch_size=2)
+    assert key == json.loads(json.dumps(dict(
+        format=CACHE_FORMAT, unet=tiny_models.fingerprint, text_encoder=tiny_models.text_encoder_fingerprint,
+        sampler=sampler.describe(), guidance=3.0, batch_size=2, prompts=["a cat", "a dog"], count=3, seed=7,
+        device="cpu", dtype=str(tiny_models.dtype)), default=str))
+    again, _ = call()
+    assert torch.equal(again, first) and len(list((tmp_path / "latents").iterdir())) == 1
+    for n, change in enumerate([dict(seed=8), dict(guidance=4.0), dict(prompts=["a dog", "a cat"]), dict(count=2),
+                                dict(batch_size=1)], start=2):
+        other, _ = call(**change)
+        assert len(list((tmp_path / "latents").iterdir())) == n, change
+        if "count" not in change and "batch_size" not in change:  # those two draw the same first images
+            assert not torch.equal(other[:2], first[:2]), change
+
+
+def test_a_relative_cache_folder_is_the_repositorys(tmp_path, monkeypatch):
+    from baselines.common import resolve_cache_dir
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_cache_dir("outputs/cache") == ROOT / "outputs" / "cache"
+    assert resolve_cache_dir(tmp_path / "c") == tmp_path / "c"
