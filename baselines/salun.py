@@ -187,7 +187,7 @@ def _masking_hook(method_ref, name: str):
 
     def hook(grad: torch.Tensor):
         method = method_ref()
-        if method is None or name not in method.masks:
+        if method is None:  # hooks exist only for the masked names (load_state_dict keeps the same names)
             return None
         return grad * method.masks[name]
 

@@ -99,10 +99,11 @@ def test_loss_formulas_by_hand_and_the_pseudo_target_is_detached():
 # ------------------------------------------------------------------------------------- on the tiny model, second routes
 
 
-def test_mask_equals_a_second_autograd_route_of_the_forgetting_loss(cache):
-    m, ctx = build(cache)
+@pytest.mark.parametrize("size", [2, 3])  # 3: batches of 3 and 1 (a batch of 3 tells chunk(2) from chunk(3))
+def test_mask_equals_a_second_autograd_route_of_the_forgetting_loss(cache, size):
+    m, ctx = build(cache, [f"method.mask_batch_size={size}"])
     assert m.cfg.mask_threshold == 0.5 and m.cfg.mask_guidance == 7.5
-    # the same draws (the method's generator, t then noise per batch of 2), the same images, a separately built UNet;
+    # the same draws (the method's generator, t then noise per batch), the same images, a separately built UNet;
     # the two branches as two UNet calls, the gradients of the batches summed by hand
     models = load_models(ctx.cfg.model, "cpu")
     params = dict(models.unet.named_parameters())
@@ -111,14 +112,14 @@ def test_mask_equals_a_second_autograd_route_of_the_forgetting_loss(cache):
     g = torch.Generator().manual_seed(0)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     acp = models.scheduler.alphas_cumprod
-    for start in (0, 2):
-        x0 = m.forget[start:start + 2]
-        t = torch.randint(0, 1000, (2,), generator=g)
+    for start in range(0, 4, size):
+        x0 = m.forget[start:start + size]
+        t = torch.randint(0, 1000, (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        e_c = models.encode_text(m.forget_of[start:start + 2])
-        e_u = models.encode_text(["", ""])
+        e_c = models.encode_text(m.forget_of[start:start + size])
+        e_u = models.encode_text([""] * len(x0))
         eps_c = models.unet(x_t, t, encoder_hidden_states=e_c).sample
         eps_u = models.unet(x_t, t, encoder_hidden_states=e_u).sample
         loss = -((8.5 * eps_c - 7.5 * eps_u - noise) ** 2).mean()
@@ -224,6 +225,18 @@ def test_a_fresh_retain_pass_at_each_epoch_and_whenever_one_runs_out(cache, n_re
             order = torch.randperm(n_retain, generator=g).tolist()
             expected = [order[i:i + 2] for i in range(0, n_retain, 2)]
         assert m.draw(step)["retain_idx"] == expected.pop(0), step
+
+
+def test_forget_batches_go_in_order_and_each_image_gets_its_own_noise(cache):
+    """random_label.py: the forget loader is not shuffled (setup_forget_data), so 6 images in batches of 2 give the
+    batches [0, 1], [2, 3], [4, 5], then [0, 1] again; t and ε are drawn per image (one row each)."""
+    m, _ = build(cache, ["method.num_forget_images=6", "method.use_mask=false"])
+    draws = [m.draw(step) for step in range(1, 5)]
+    assert [d["forget_idx"] for d in draws] == [[0, 1], [2, 3], [4, 5], [0, 1]]
+    for d in draws:
+        assert d["noise_f"].shape == (2, *m.forget.shape[1:]) and d["noise_r"].shape == (2, *m.retain.shape[1:])
+        assert not torch.equal(d["noise_f"][0], d["noise_f"][1]) and not torch.equal(d["noise_r"][0], d["noise_r"][1])
+        assert d["t_f"].shape == (2,) and d["t_r"].shape == (2,)
 
 
 def test_a_loaded_mask_replaces_the_computed_one_and_the_draws_continue(cache):
