@@ -87,19 +87,22 @@ def one_trained(ctx, pattern: str):
 
 # --------------------------------------------------------------------------------------------------------------- ESD
 
-def test_esd_step_is_the_negatively_guided_target_of_the_frozen_teacher_at_the_students_z_t():
-    """train-esd.py with S = 4: t_enc ~ U{0..3}, the query t_enc_ddpm ~ U[250 t_enc, 250 t_enc + 250), x_T; z from the
-    student (sampler: student) along ldm's list 501, 251, 1 for 3, 3, 2, 1 steps (t_enc = 0..3); target
-    eps*(z, ∅) - eta (eps*(z, c) - eps*(z, ∅)) from the frozen base at the query timestep."""
+@pytest.mark.parametrize("targets, seed, word", [(["nudity"], 3, 0), (["nudity", "naked", "nude"], 3, 1)])
+def test_esd_step_is_the_negatively_guided_target_of_the_frozen_teacher_at_the_students_z_t(targets, seed, word):
+    """train-esd.py with S = 4: the word drawn from the targets (l.218), t_enc ~ U{0..3}, the query t_enc_ddpm ~
+    U[250 t_enc, 250 t_enc + 250), x_T; z from the student (sampler: student) along ldm's list 501, 251, 1 for 3, 3,
+    2, 1 steps (t_enc = 0..3); target eps*(z, ∅) - eta (eps*(z, c) - eps*(z, ∅)) from the frozen base at the query
+    timestep, c the drawn word alone (with three targets: the middle one)."""
     eta, guidance = 2.0, 3.0
     m, ctx, _ = build_method(["model=tiny", "concept=nudity", "method=esd", "method.ddim_steps=4", f"method.eta={eta}",
-                              f"method.start_guidance={guidance}"], generator_seed=3)
+                              f"method.start_guidance={guidance}", "concept.targets=[" + ",".join(targets) + "]"],
+                             generator_seed=seed)
     base = copy.deepcopy(ctx.unet)
     moved(ctx.unet, 1, names=set(ctx.trainable))
-    emb_u, emb_c = ctx.models.encode_text([""]), ctx.models.encode_text(["nudity"])
+    emb_u, emb_c = ctx.models.encode_text([""]), ctx.models.encode_text([targets[word]])
 
     g = generator_copy(ctx)
-    assert randint(g, 0, 1) == 0  # the target (one: nudity)
+    assert randint(g, 0, len(targets)) == word
     t_enc = randint(g, 0, 4)
     query = randint(g, 250 * t_enc, 250 * t_enc + 250)
     x_T = torch.randn((1, *ctx.models.latent_shape), generator=g)
