@@ -423,6 +423,9 @@ def test_cached_latents_are_keyed_by_everything_that_decides_them(tiny_models, t
         assert len(list((tmp_path / "latents").iterdir())) == n, change
         if "count" not in change and "batch_size" not in change:  # those two draw the same first images
             assert not torch.equal(other[:2], first[:2]), change
+    assert call(count=1)[0].shape[0] == 1  # the least count
+    with pytest.raises(ValueError, match="count must be at least 1, got 0"):
+        call(count=0)
 
 
 def test_a_relative_cache_folder_is_the_repositorys(tmp_path, monkeypatch):
