@@ -101,7 +101,7 @@ def recorded(record_dir: Path | None) -> bool:
 
 def record_run(run_dir: Path, record_dir: Path, wall_s: float | None = None) -> bool:
     """Copy a finished run's summary and config to ``record_dir`` with ``recorded.json`` (trained when: the summary's
-    time; on which machine; the code's commit; the wall-clock seconds of its training process when known).
+    time; on which machine; the commit checked out when it was recorded; the wall-clock seconds of its training process when known).
     Returns False when the record already holds this run (same summary). Each file is written atomically."""
     summary = (run_dir / "summary.json").read_text()
     if recorded(record_dir) and (record_dir / "summary.json").read_text() == summary:
@@ -113,7 +113,7 @@ def record_run(run_dir: Path, record_dir: Path, wall_s: float | None = None) -> 
     if recorded(record_dir):
         log.warning("replacing the record %s with the run %s (same config, trained again)", record_dir, run_dir)
     when = datetime.datetime.fromtimestamp((run_dir / "summary.json").stat().st_mtime).isoformat(timespec="seconds")
-    meta = dict(run_dir=str(run_dir), trained=when, machine=machine(), code=_commit(), wall_s=wall_s)
+    meta = dict(run_dir=str(run_dir), trained=when, machine=machine(), git_head_at_record=_commit(), wall_s=wall_s)
     write_text_atomic(record_dir / "config.yaml", (run_dir / "config.yaml").read_text())
     write_text_atomic(record_dir / "summary.json", summary)
     write_text_atomic(record_dir / "recorded.json", to_json(meta, indent=2) + "\n")  # last: marks it complete
