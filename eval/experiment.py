@@ -101,8 +101,8 @@ def recorded(record_dir: Path | None) -> bool:
 
 def record_run(run_dir: Path, record_dir: Path, wall_s: float | None = None) -> bool:
     """Copy a finished run's summary and config to ``record_dir`` with ``recorded.json`` (trained when: the summary's
-    time; on which machine; the commit checked out when it was recorded; the wall-clock seconds of its training process when known).
-    Returns False when the record already holds this run (same summary). Each file is written atomically."""
+    time; on which machine; the commit checked out when it was recorded; the wall-clock seconds of its training
+    process when known). Returns False when the record already holds this run (same summary). Each file is written atomically."""
     summary = (run_dir / "summary.json").read_text()
     if recorded(record_dir) and (record_dir / "summary.json").read_text() == summary:
         return False
