@@ -386,6 +386,7 @@ def test_cached_latents_are_keyed_by_everything_that_decides_them(tiny_models, t
     sampler, guidance, batch size, prompts, count, seed, device, dtype); a second call with the same arguments reads
     the file (the same latents, no new file); changing any one of seed, guidance, prompts, count or batch size makes a
     new file (seed, guidance and prompts: other latents). The noise comes from its own generator: the method's is not drawn from."""
+    import hashlib
     from types import SimpleNamespace
 
     from safetensors import safe_open
@@ -408,7 +409,9 @@ def test_cached_latents_are_keyed_by_everything_that_decides_them(tiny_models, t
     files = sorted((tmp_path / "latents").iterdir())
     assert len(files) == 1
     with safe_open(str(files[0]), framework="pt") as f:
-        key = json.loads(f.metadata()["key"])
+        text = f.metadata()["key"]
+    key = json.loads(text)
+    assert files[0].name == hashlib.sha256(text.encode()).hexdigest()[:20] + ".safetensors"  # the documented name
     sampler = Sampler(tiny_models.generation_scheduler, steps=2, guidance=3.0, resolution=tiny_models.resolution,
                       batch_size=2)
     assert key == json.loads(json.dumps(dict(
