@@ -324,3 +324,26 @@ def test_every_concept_either_runs_salun_or_says_why_not():
         except UserError as err:
             assert "\n" not in str(err) and "has no SalUn data" in str(err), concept
     assert {"circle", "nudity"} <= set(runs)
+
+
+@pytest.mark.parametrize("pseudo, expected", [(["x"], ["x", "x", "x"]), (["x", "y", "z"], ["x", "y", "z"])])
+def test_one_pseudo_prompt_serves_every_forget_prompt(pseudo, expected):
+    """nsfw_removal.py pairs each forget prompt with a pseudo prompt: one given serves all, else one per forget
+    prompt, in order; the retain prompts come as they are."""
+    from baselines.salun import SalUn
+
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=salun", "concept.salun.forget_prompts=[a,b,c]",
+                       "concept.salun.pseudo_prompts=[" + ",".join(pseudo) + "]",
+                       "concept.salun.retain_prompts=[r1,r2]"])
+    assert SalUn.prompts(cfg.concept) == (["a", "b", "c"], expected, ["r1", "r2"])
+
+
+def test_a_subset_beyond_the_unet_is_refused_in_one_sentence(cache):
+    """The saliency mask covers UNet weights: a subset with text-encoder weights stops when the method is made,
+    before any image is generated."""
+    with pytest.raises(UserError, match=r"SalUn masks UNet weights only, and params=text_encoder_layer0 also trains "
+                                        r"'text_encoder\.encoder\.layers\.0\.") as err:
+        cfg = config(cache, ["params=text_encoder_layer0"])
+        method_cls, mcfg = validate(cfg)
+        Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, mcfg)
+    assert "\n" not in str(err.value)
