@@ -347,3 +347,27 @@ def test_a_subset_beyond_the_unet_is_refused_in_one_sentence(cache):
         method_cls, mcfg = validate(cfg)
         Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, mcfg)
     assert "\n" not in str(err.value)
+
+
+def test_the_sets_come_from_seeds_image_seed_and_the_next_one(cache, tmp_path):
+    """D_f from image_seed, D_r from image_seed + 1 (two seeds, as the official scripts generate the two sets apart):
+    each equals cached_latents called directly with that seed, in another cache folder (so generated again)."""
+    from baselines.common import cached_latents
+
+    m, ctx = build(cache, ["method.image_seed=11", "method.use_mask=false"])
+    forget, pseudo, retain = m.prompts(ctx.concept)
+    for got, prompts, count, seed in ((m.forget, forget, 4, 11), (m.retain, retain, 4, 12)):
+        again, _ = cached_latents(ctx, prompts, count, m.cfg.image_steps, m.cfg.image_guidance, seed=seed,
+                                  cache_dir=tmp_path / "other")
+        assert torch.equal(got, again), seed
+
+
+def test_hooks_taken_off_leave_the_gradients_whole(cache):
+    m, ctx = build(cache)
+    name, p = next((n, p) for n, p in ctx.trainable.items() if 0 < int(m.masks[n].sum()) < m.masks[n].numel())
+    (p.sum() * 2).backward()
+    assert p.grad[~m.masks[name]].eq(0).all() and p.grad[m.masks[name]].eq(2).all()  # masked while hooked
+    p.grad = None
+    m.remove_hooks()
+    (p.sum() * 2).backward()
+    assert p.grad.eq(2).all()
