@@ -58,8 +58,7 @@ CACHE_FORMAT = "erasure-latents/1"  # bump when what a cached file holds changes
 def resolve_cache_dir(path: str | Path) -> Path:
     """A cache folder: absolute, or relative to the repository root (as the evaluation's ``cache_dir``), so that runs
     started from any working directory share it."""
-    p = Path(str(path)).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
+    return REPO_ROOT / Path(str(path)).expanduser()  # pathlib: an absolute path replaces REPO_ROOT
 
 
 def latents_key(models, prompts: list[str], count: int, sampler: Sampler, seed: int) -> dict:
