@@ -36,7 +36,9 @@ METRICS = ("concept_rate_after", "preserved_accuracy_after", "preserved_color_ac
 RANKED = ("ssim_preserved", "preserved_attr_accuracy", "concept_rate_after")  # what ranks() counts
 ATTR_KEY = {"shape": "preserved_accuracy", "color": "preserved_color_accuracy"}  # the concept's own attribute
 RUN_FILES = ("delta.safetensors", "summary.json", "config.yaml")
-RECORD_FILES = ("summary.json", "config.yaml", "recorded.json")  # as eval.experiment.RECORD_FILES
+# a record (eval.experiment.record_run): what a report needs of a finished run, small enough to commit
+# (results/concepts); the weights stay in the run folder
+RECORD_FILES = ("summary.json", "config.yaml", "recorded.json")
 
 
 def _number(v) -> float | None:

@@ -34,6 +34,7 @@ from erasure.errors import UserError, terminate_raises
 from erasure.io import to_json, write_text_atomic
 
 from . import plots, render, tables
+from .concept_tables import RECORD_FILES
 from .config import compose
 from .evaluation import evaluate
 from .prompts import ROOT, resolve_path
@@ -90,11 +91,6 @@ def finished(run_dir: Path) -> bool:
     return all((run_dir / f).is_file() for f in ("delta.safetensors", "summary.json", "config.yaml"))
 
 
-# A record is what a report needs of a finished run, small enough to commit (results/concepts): its summary and
-# config, and where and when it was trained (recorded.json). The weights stay in the run folder.
-RECORD_FILES = ("summary.json", "config.yaml", "recorded.json")
-
-
 def recorded(record_dir: Path | None) -> bool:
     return record_dir is not None and all((record_dir / f).is_file() for f in RECORD_FILES)
 
@@ -102,7 +98,8 @@ def recorded(record_dir: Path | None) -> bool:
 def record_run(run_dir: Path, record_dir: Path, wall_s: float | None = None) -> bool:
     """Copy a finished run's summary and config to ``record_dir`` with ``recorded.json`` (trained when: the summary's
     time; on which machine; the commit checked out when it was recorded; the wall-clock seconds of its training
-    process when known). Returns False when the record already holds this run (same summary). Each file is written atomically."""
+    process when known). Returns False when the record already holds this run (same summary). Each file is written
+    atomically."""
     summary = (run_dir / "summary.json").read_text()
     if recorded(record_dir) and (record_dir / "summary.json").read_text() == summary:
         return False
