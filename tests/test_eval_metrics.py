@@ -189,6 +189,11 @@ def test_fid_kid_on_uint8_images(photo_features):
     fr, ff = f["astro_a"][:4].double().numpy(), f["coffee"][:4].double().numpy()  # same images, batch of 8 before
     assert out["fid"] == pytest.approx(fid_by_hand(fr, ff), rel=1e-3)
     assert out["kid"] == pytest.approx(kid_by_hand(fr, ff), rel=1e-3)
+    # the subset size and the other KID settings reach the computation: 3 subsets of 2 of the 4, seed 1, by hand
+    out = fid_kid(sets["astro_a"][:4], sets["coffee"][:4], kid_subset_size=2, kid_subsets=3, seed=1)
+    mean, std = kid_subsets_by_hand(fr, ff, 2, 3, seed=1)
+    assert (out["kid"], out["kid_std"]) == (pytest.approx(mean, rel=1e-3), pytest.approx(std, rel=1e-3))
+    assert mean != pytest.approx(kid_subsets_by_hand(fr, ff, 2, 3, seed=0)[0], rel=1e-2)
 
 
 def test_inception_sha1_checked_before_loading(monkeypatch):

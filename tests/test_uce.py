@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from baselines.uce import UCE, concept_rows, subject_embeddings, subject_token_index, uce_weight
+from baselines.uce import UCE, concept_prompts, concept_rows, subject_embeddings, subject_token_index, uce_weight
 from erasure.delta import load_run, read_delta
 from erasure.errors import UserError
 from erasure.trainer import train
@@ -172,6 +172,18 @@ def test_multi_target_edit_has_one_guide_per_target(tiny_models):
         err = (w_new @ keys[target] - w_old @ keys[guide]).norm()
         assert err < 0.1 * (w_old @ keys[target] - w_old @ keys[guide]).norm()
     assert UCE.shape == "closed_form"
+
+
+@pytest.mark.parametrize("targets,guides,want", [
+    (["nudity", "nsfw", "gore"], ["a photo"], ["a photo"] * 3),  # one guide serves every target (sd_erase.py l.142-145)
+    (["nudity", "gore"], ["a man", "a cat"], ["a man", "a cat"]),  # one per target, in order
+    (["nudity"], ["a photo"], ["a photo"]),
+])
+def test_concept_prompts_give_one_guide_per_target(targets, guides, want):
+    from omegaconf import OmegaConf
+
+    concept = OmegaConf.create({"targets": targets, "uce": {"guides": guides, "preserve": ["a dog"]}})
+    assert concept_prompts(concept) == (targets, want, ["a dog"])
 
 
 def test_erasure_curve_of_a_closed_form_edit_is_over_its_strength(tmp_path):
