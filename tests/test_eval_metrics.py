@@ -196,6 +196,46 @@ def test_fid_kid_on_uint8_images(photo_features):
     assert mean != pytest.approx(kid_subsets_by_hand(fr, ff, 2, 3, seed=0)[0], rel=1e-2)
 
 
+class _FeatEval:
+    """The part of an Evaluation the fid/kid metrics read: Inception features per prompt set and of the reference, and
+    the per-evaluation memo the two metrics share."""
+
+    def __init__(self, sets, real, kind="run"):
+        self.kind, self._sets, self._real, self.memo, self.asked = kind, sets, real, {}, []
+
+    def features(self, name):
+        self.asked.append(name)
+        return self._sets[name]
+
+    def reference_features(self):
+        self.asked.append("reference")
+        return self._real
+
+
+def test_registered_fid_and_kid_share_one_feature_pass_per_setting(photo_features):
+    """The registry's `fid` and `kid`: values by hand, one feature pass for both, a new one for other prompts or another
+    subset size, and nothing for the reference row (it is the reference)."""
+    from omegaconf import OmegaConf
+
+    _, f = photo_features
+    real, sets = f["astro_a"], {"target": f["coffee"][:6], "coco": f["astro_b"][:5]}
+    r = real.double().numpy()
+    ev = _FeatEval(sets, real)
+    fid_fn, kid_fn = metrics.get_metric("fid").fn, metrics.get_metric("kid").fn
+    for prompts, size, asked in (("target", 3, 2), ("target", 3, 2), ("coco", 3, 4), ("coco", 2, 6)):
+        cfg = OmegaConf.create({"prompts": prompts, "subset_size": size, "subsets": 4})
+        fid_out, kid_out = fid_fn(ev, cfg), kid_fn(ev, cfg)
+        c = sets[prompts].double().numpy()
+        mean, std = kid_subsets_by_hand(r, c, size, 4)
+        assert fid_out == {"value": pytest.approx(fid_by_hand(r, c), rel=1e-3), "n_real": 8, "n_fake": len(c)}
+        assert kid_out == {"value": pytest.approx(mean, rel=1e-4), "std": pytest.approx(std, rel=1e-4), "n_real": 8,
+                           "n_fake": len(c)}
+        assert len(ev.asked) == asked  # features of (prompts, reference) once per setting
+    ref = _FeatEval(sets, real, kind="reference")
+    assert fid_fn(ref, OmegaConf.create({"prompts": "coco"})) is None and kid_fn(ref, OmegaConf.create({"prompts": "coco"})) is None
+    assert ref.asked == [] and ref.memo == {}
+
+
 def test_inception_sha1_checked_before_loading(monkeypatch):
     import erasure.measures.fid as fid
 

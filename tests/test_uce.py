@@ -144,6 +144,7 @@ def test_one_step_in_metrics_and_summary(uce_run):
 @pytest.mark.parametrize("overrides,match", [
     (["method.lamb=0"], "method.lamb must be > 0"),
     (["method.preserve_scale=-1"], "method.preserve_scale must be >= 0"),
+    (["method.erase_scale=0"], "method.erase_scale must be > 0"),
     (["method.iterations=5"], "closed-form edit .one step.: method.iterations must be 1"),
     (["trainer.iterations=5"], "closed-form edit .one step.: trainer.iterations must be 1"),
     (["concept.targets=[nudity,nsfw,gore]", "+concept.uce.guides=[a,b]"], "concept.uce.guides has 2 prompts for 3 targets"),
@@ -153,6 +154,13 @@ def test_one_step_in_metrics_and_summary(uce_run):
 ])
 def test_bad_config_is_refused_in_one_sentence(overrides, match):
     assert_refused_in_one_sentence(["model=tiny", "concept=nudity", "method=uce", *overrides], match)
+
+
+def test_range_edges_that_are_allowed():
+    """preserve_scale = 0 (no preservation term) is a valid edit; only erase_scale and lamb must be positive."""
+    from erasure.config import validate
+
+    validate(compose_cfg(["model=tiny", "concept=nudity", "method=uce", "method.preserve_scale=0"]))
 
 
 def test_a_subset_beyond_attn2_kv_is_refused(tmp_path):
