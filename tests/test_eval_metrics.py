@@ -222,11 +222,12 @@ def test_registered_fid_and_kid_share_one_feature_pass_per_setting(photo_feature
     r = real.double().numpy()
     ev = _FeatEval(sets, real)
     fid_fn, kid_fn = metrics.get_metric("fid").fn, metrics.get_metric("kid").fn
-    for prompts, size, asked in (("target", 3, 2), ("target", 3, 2), ("coco", 3, 4), ("coco", 2, 6)):
-        cfg = OmegaConf.create({"prompts": prompts, "subset_size": size, "subsets": 4})
+    for prompts, size, subsets, asked in (("target", 3, 4, 2), ("target", 3, 4, 2), ("coco", 3, 4, 4), ("coco", 2, 4, 6),
+                                          ("coco", 2, 3, 8), ("coco", 2, None, 10)):  # None: the default, 100 subsets
+        cfg = OmegaConf.create({"prompts": prompts, "subset_size": size, **({} if subsets is None else {"subsets": subsets})})
         fid_out, kid_out = fid_fn(ev, cfg), kid_fn(ev, cfg)
         c = sets[prompts].double().numpy()
-        mean, std = kid_subsets_by_hand(r, c, size, 4)
+        mean, std = kid_subsets_by_hand(r, c, size, subsets or 100)
         assert fid_out == {"value": pytest.approx(fid_by_hand(r, c), rel=1e-3), "n_real": 8, "n_fake": len(c)}
         assert kid_out == {"value": pytest.approx(mean, rel=1e-4), "std": pytest.approx(std, rel=1e-4), "n_real": 8,
                            "n_fake": len(c)}
