@@ -298,8 +298,15 @@ def test_inception_path_says_what_is_missing(monkeypatch, tmp_path):
 def test_fid_needs_two_images():
     from erasure.measures.fid import fid_kid_from_features
 
-    with pytest.raises(UserError, match="at least 2"):
-        fid_kid_from_features(torch.zeros(1, 2048), torch.zeros(5, 2048))
+    for n_real, n_fake in ((1, 5), (5, 1)):
+        with pytest.raises(UserError, match=f"at least 2 images on each side, got {n_real} real and {n_fake} generated"):
+            fid_kid_from_features(torch.zeros(n_real, 2048), torch.zeros(n_fake, 2048))
+    # two on each side is enough: FID from two-sample covariances, KID on the one subset of both
+    gen = torch.Generator().manual_seed(5)
+    real, fake = torch.rand(2, 2048, generator=gen, dtype=torch.float64), torch.rand(2, 2048, generator=gen, dtype=torch.float64)
+    out = fid_kid_from_features(real, fake, kid_subsets=3)
+    assert out["fid"] == pytest.approx(fid_by_hand(real.numpy(), fake.numpy()), rel=1e-6)
+    assert out["kid"] == pytest.approx(kid_by_hand(real.numpy(), fake.numpy()), rel=1e-6)
 
 
 def kid_subsets_by_hand(f1: np.ndarray, f2: np.ndarray, size: int, subsets: int, seed: int = 0) -> tuple[float, float]:
@@ -348,6 +355,10 @@ def test_kid_subset_size_null_is_the_smaller_set_capped_at_1000():
     mean, std = kid_subsets_by_hand(real.numpy(), fake.numpy(), 6, 4)
     assert out["kid"] == pytest.approx(mean, rel=1e-6) and out["kid_std"] == pytest.approx(std, rel=1e-6)
     assert std > 0  # the real side really was subsampled
+    # the other way round (6 real, 8 generated): subsets of 6 again, the generated side drawn
+    out = fid_kid_from_features(fake, real, kid_subset_size=None, kid_subsets=4)
+    mean, std = kid_subsets_by_hand(fake.numpy(), real.numpy(), 6, 4)
+    assert out["kid"] == pytest.approx(mean, rel=1e-6) and out["kid_std"] == pytest.approx(std, rel=1e-6)
     # more than 1000 on both sides: subsets of 1000, not of the whole sets (low-dimensional features keep it cheap)
     real = torch.rand(1002, 8, generator=gen, dtype=torch.float64)
     fake = torch.rand(1001, 8, generator=gen, dtype=torch.float64) + 0.05
@@ -807,3 +818,8 @@ def test_span_coordinates_keep_fid_exact():
         values.append(float(m.compute()))
     assert values[1] == pytest.approx(values[0], rel=1e-6)
     assert values[0] == pytest.approx(fid_by_hand(a.numpy(), b.numpy()), rel=1e-6)
+    # as many vectors as dimensions or more: the features come back as they are (in float64)
+    for n_a, n_b in ((8, 6), (10, 4), (3, 11)):
+        x, y = torch.rand(n_a, 14, generator=gen), torch.rand(n_b, 14, generator=gen)
+        r, c = span_coordinates(x, y)
+        assert torch.equal(r, x.double()) and torch.equal(c, y.double())
