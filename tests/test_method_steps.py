@@ -258,6 +258,28 @@ def test_ablating_step_targets_the_current_models_anchor_epsilon_on_the_base_mod
     assert ctx.generator.get_state().equal(g.get_state())
 
 
+def test_ablating_style_captions_come_from_the_methods_own_generator():
+    """Style mode (utils.py ``__getprompt__``): each caption is one of the two style templates around its anchor prompt,
+    chosen by the method's numpy generator, the same draws a copy of that generator makes; over 3 steps of 4 both
+    templates occur."""
+    from baselines.ablating import target_prompt
+
+    m, ctx, _ = build_method(["model=tiny", "concept=nudity", "method=ablating", "method.num_anchor_images=6",
+                              "method.anchor_steps=1", "method.batch_size=4", "concept.ablating.mode=style",
+                              "concept.ablating.captions=[van gogh]", "method.prior_preservation=false"])
+    texts, embed = [], m._embed
+    m._embed = lambda prompts: texts.append(list(prompts)) or embed(prompts)
+    rng = copy.deepcopy(m.rng)
+    captions = []
+    for step in range(1, 4):
+        m.training_step(step)
+        anchors, got = texts[-2], texts[-1]
+        assert got == [target_prompt("style", a, "van gogh", rng) for a in anchors]
+        captions += got
+    assert any(c.startswith("in van gogh's style, ") for c in captions)
+    assert any(c.endswith(", in the style of van gogh") for c in captions)
+
+
 # ------------------------------------------------------------------------------------------------------- Forget-Me-Not
 
 def attention_by_hand(unet, z, t, emb) -> list[torch.Tensor]:
