@@ -83,6 +83,10 @@ def test_ablating_lr_scaling_and_captions():
     assert target_prompt("object", "a robot on the moon", "robot+r2d2", rng) == "a r2d2 on the moon"
     styles = {target_prompt("style", "a house", "van gogh", rng) for _ in range(40)}
     assert styles == {"a house, in the style of van gogh", "in van gogh's style, a house"}
+    # utils.py __getprompt__: the first template when a draw of integers(3) is 0 (one time in three), by hand
+    rng, draws = np.random.default_rng(1), np.random.default_rng(1).integers(3, size=60)
+    got = [target_prompt("style", "a house", "van gogh", rng) for _ in range(60)]
+    assert got == ["a house, in the style of van gogh" if d == 0 else "in van gogh's style, a house" for d in draws]
 
 
 def test_fmn_positions_and_loss_by_hand():

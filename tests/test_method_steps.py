@@ -258,6 +258,20 @@ def test_ablating_step_targets_the_current_models_anchor_epsilon_on_the_base_mod
     assert ctx.generator.get_state().equal(g.get_state())
 
 
+def test_ablating_numpy_generator_is_seeded_from_the_run_generator_after_the_anchors():
+    """The caption generator's seed is the run generator's next draw in [0, 2^31) once the anchor images are made (the
+    pipeline's one randn for 2 images): reproducible under trainer.seed, and the run generator is where it should be."""
+    import numpy as np
+
+    m, ctx, _ = build_method(["model=tiny", "concept=nudity", "method=ablating", "method.num_anchor_images=2",
+                              "method.anchor_steps=1"])
+    g = torch.Generator().manual_seed(0)
+    torch.randn((2, *ctx.models.latent_shape), generator=g)
+    seed = int(torch.randint(0, 2**31, (1,), generator=g))
+    assert m.rng.bit_generator.state == np.random.default_rng(seed).bit_generator.state
+    assert ctx.generator.get_state().equal(g.get_state())
+
+
 def test_ablating_style_captions_come_from_the_methods_own_generator():
     """Style mode (utils.py ``__getprompt__``): each caption is one of the two style templates around its anchor prompt,
     chosen by the method's numpy generator, the same draws a copy of that generator makes; over 3 steps of 4 both
