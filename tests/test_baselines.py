@@ -364,6 +364,16 @@ def test_fmn_reads_the_concepts_own_section():
     assert m2.concept_text == "nudity" and m2.prompt == "a photo of nudity" and len(m2.latents) == 1
 
 
+@pytest.mark.parametrize("drop", ["~concept.fmn.type", "~concept.fmn"])
+def test_fmn_concept_without_a_type_is_an_object(drop):
+    """No ``fmn.type`` (or no ``fmn:`` section): the object template, accepted by the config check."""
+    from erasure.config import validate
+
+    validate(compose_cfg(["model=tiny", "concept=nudity", "method=fmn", drop]))
+    m, _, _ = build_method(["model=tiny", "concept=nudity", "method=fmn", "method.num_reference_images=1", drop])
+    assert m.prompt == "a photo of nudity"
+
+
 @pytest.mark.parametrize("overrides, mode", [([], "caption"), (["concept.ablating.mode=style"], "style"),
                                              (["~concept.ablating.mode"], "caption")])
 def test_ablating_reads_its_mode_from_the_concept(overrides, mode):
