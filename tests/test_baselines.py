@@ -15,7 +15,7 @@ from baselines.fmn import concept_positions, resteering_loss
 from baselines.sdd import ema_update, sdd_loss
 from erasure.delta import read_delta
 from erasure.trainer import train
-from tests.conftest import assert_precheck, build_method, compose_cfg
+from tests.conftest import assert_precheck, assert_refused_in_one_sentence, build_method, compose_cfg
 
 # tiny anchor / reference sets so that the methods that generate images start in well under a second
 SMALL = {
@@ -372,6 +372,8 @@ def test_fmn_concept_without_a_type_is_an_object(drop):
     validate(compose_cfg(["model=tiny", "concept=nudity", "method=fmn", drop]))
     m, _, _ = build_method(["model=tiny", "concept=nudity", "method=fmn", "method.num_reference_images=1", drop])
     assert m.prompt == "a photo of nudity"
+    assert_refused_in_one_sentence(["model=tiny", "concept=nudity", "method=fmn", "concept.fmn.type=poem"],
+                                   "concept.fmn.type must be one of object, style, got 'poem'")
 
 
 @pytest.mark.parametrize("overrides, mode", [([], "caption"), (["concept.ablating.mode=style"], "style"),
