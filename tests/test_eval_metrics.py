@@ -278,6 +278,17 @@ def test_inception_loaded_afresh_wraps_the_torchscript_net(photo_features):
     torch.testing.assert_close(module(x), feats["coffee"][:2])
 
 
+def test_image_stacks_reach_the_inception_channels_first():
+    """numpy N×H×W×3 is put channels first; numpy already N×3×H×W and torch stacks are left as they are."""
+    from erasure.measures.fid import _as_nchw
+
+    nhwc = np.arange(2 * 5 * 4 * 3, dtype=np.uint8).reshape(2, 5, 4, 3)
+    assert torch.equal(_as_nchw(nhwc), torch.from_numpy(nhwc).permute(0, 3, 1, 2))
+    nchw = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
+    assert torch.equal(_as_nchw(nchw), torch.from_numpy(nchw))
+    assert torch.equal(_as_nchw(torch.from_numpy(nchw)), torch.from_numpy(nchw))
+
+
 def test_inception_path_says_what_is_missing(monkeypatch, tmp_path):
     import importlib.util
     from types import SimpleNamespace
