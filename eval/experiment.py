@@ -34,7 +34,7 @@ from erasure.errors import UserError, terminate_raises
 from erasure.io import to_json, write_text_atomic
 
 from . import plots, render, tables
-from .concept_tables import RECORD_FILES
+from .concept_tables import RECORD_FILES, RUN_FILES
 from .config import compose
 from .evaluation import evaluate
 from .prompts import ROOT, resolve_path
@@ -88,7 +88,7 @@ def train_job(cfg: DictConfig, method: str, run_dir: Path, name: str, extra: lis
 
 
 def finished(run_dir: Path) -> bool:
-    return all((run_dir / f).is_file() for f in ("delta.safetensors", "summary.json", "config.yaml"))
+    return all((run_dir / f).is_file() for f in RUN_FILES)
 
 
 def recorded(record_dir: Path | None) -> bool:

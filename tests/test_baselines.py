@@ -372,6 +372,10 @@ def test_fmn_concept_without_a_type_is_an_object(drop):
     validate(compose_cfg(["model=tiny", "concept=nudity", "method=fmn", drop]))
     m, _, _ = build_method(["model=tiny", "concept=nudity", "method=fmn", "method.num_reference_images=1", drop])
     assert m.prompt == "a photo of nudity"
+
+
+def test_fmn_unknown_type_is_refused():
+    """Also in tests/test_config_validation.py, which lies outside mutmut's test selection (pyproject [tool.mutmut])."""
     assert_refused_in_one_sentence(["model=tiny", "concept=nudity", "method=fmn", "concept.fmn.type=poem"],
                                    "concept.fmn.type must be one of object, style, got 'poem'")
 
