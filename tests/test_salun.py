@@ -16,6 +16,7 @@ from erasure.delta import read_delta
 from erasure.errors import UserError
 from erasure.models import load_models
 from erasure.session import Session, seed_everything
+from erasure.teacher import student_eps
 from erasure.trainer import train
 from tests.conftest import assert_refused_in_one_sentence, build_method, compose_cfg, shared_scope
 
@@ -371,3 +372,46 @@ def test_hooks_taken_off_leave_the_gradients_whole(cache):
     m.remove_hooks()
     (p.sum() * 2).backward()
     assert p.grad.eq(2).all()
+
+
+def test_saliency_sums_low_precision_weights_in_float32_and_gives_unused_weights_zero(cache):
+    """With ``trainer.precision`` on a GPU the frozen weights are held in bfloat16 and their per-batch gradients are
+    summed in float32 (generate_mask.py sums on float32 CPU copies, l.69); a weight the loss never reaches gets a zero
+    saliency. Here two cross-attention weights are cast to bfloat16 and both routes run under CPU autocast: the
+    method's saliency over 2 forget batches against the batches' gradients taken one by one and summed by hand."""
+    m, ctx = build(cache)
+    unet = ctx.unet
+    low = [n for n, _ in unet.named_parameters() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))][:2]
+    assert len(low) == 2
+    with torch.no_grad():
+        for n in low:
+            unet.get_parameter(n).data = unet.get_parameter(n).data.to(torch.bfloat16)
+    unet.register_parameter("unused_for_the_test", torch.nn.Parameter(torch.ones(3)))
+    params = dict(unet.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    before = ctx.generator.get_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.saliency()
+    # the second route: the same draws (t then ε per batch of 2, in order) from a copy of the generator
+    g = torch.Generator().set_state(before)
+    total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for start in (0, 2):
+            idx = [start, start + 1]
+            t = torch.randint(0, 1000, (2,), generator=g)
+            noise = torch.randn((2, *m.forget.shape[1:]), generator=g)
+            x_t = ctx.models.scheduler.add_noise(m.forget[idx], noise, t)
+            emb = torch.cat([m._embed([m.forget_of[i] for i in idx]), m._embed(["", ""])])
+            eps_c, eps_u = student_eps(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), emb).chunk(2)
+            loss = -((8.5 * eps_c.float() - 7.5 * eps_u.float() - noise) ** 2).mean()
+            names = [n for n in params if n != "unused_for_the_test"]
+            for n, gr in zip(names, torch.autograd.grad(loss, [params[n] for n in names])):
+                total[n] += gr.float()
+    for n in low:
+        assert got[n].dtype == torch.float32
+        assert torch.equal(got[n], total[n].abs()), n  # float32 sums of bfloat16 gradients, not bfloat16 sums
+        assert got[n].abs().sum() > 0
+    for n in ("conv_in.weight", "conv_out.bias"):
+        torch.testing.assert_close(got[n], total[n].abs(), rtol=1e-5, atol=0)
+    assert got["unused_for_the_test"].dtype == torch.float32 and got["unused_for_the_test"].eq(0).all()
+    assert all(p.grad is None and p.requires_grad == flags[n] for n, p in params.items())
