@@ -201,10 +201,7 @@ class SalUn(ErasureMethod):
 
     @classmethod
     def validate(cls, cfg: SalUnConfig) -> None:
-        super().validate(cfg)
-        if not 0 < cfg.mask_threshold <= 1:
-            raise UserError(f"method.mask_threshold is the fraction of UNet weights the mask keeps and must be in (0, 1], "
-                            f"got {cfg.mask_threshold}")
+        super().validate(cfg)  # mask_threshold in (0, 1], the fraction of UNet weights kept: erasure/schema.py
         for key in ("batch_size", "mask_batch_size", "num_forget_images", "num_retain_images", "image_steps"):
             if getattr(cfg, key) < 1:
                 raise UserError(f"method.{key} must be at least 1, got {getattr(cfg, key)}")

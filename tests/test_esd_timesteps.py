@@ -19,6 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from baselines.esd import compvis_draw
+from erasure.config import validate
 from tests.conftest import assert_refused_in_one_sentence, build_method, compose_cfg
 
 # t_enc -> (DDIM steps taken, first and last timestep stepped from, DDPM timestep z lies at, t_enc_ddpm's range
@@ -217,3 +219,32 @@ def test_diffusers_mode_is_unchanged(sampler):
 def test_bad_timesteps_mode_is_refused_in_one_sentence():
     assert_refused_in_one_sentence(["model=tiny", "concept=nudity", "method=esd", "method.timesteps=ddpm"],
                                    "method.timesteps must be one of compvis, diffusers, got 'ddpm'")
+
+
+@pytest.mark.parametrize("steps, words", [(2, None), (1, "method.ddim_steps must be at least 2, got 1")])
+def test_ddim_steps_edge(steps, words):
+    """Two DDIM steps are the fewest the CompVis draw can use (the schema's general rule for counts allows 1)."""
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=esd", f"method.ddim_steps={steps}"])
+    if words is None:
+        validate(cfg)
+    else:
+        assert_refused_in_one_sentence(["model=tiny", "concept=nudity", "method=esd", f"method.ddim_steps={steps}"],
+                                       words)
+
+
+def test_the_query_bin_follows_the_schedulers_own_number_of_timesteps():
+    """compvis_draw reads N from the scheduler (1000 is written out in train-esd.py l.228-231): on a 500-step
+    scheduler the bin of t_enc at S = 10 is [50 t_enc, 50 t_enc + 50), drawn from the same generator."""
+    m, ctx = build(["method.ddim_steps=10"])
+    sched = ctx.models.scheduler
+    ctx.models.scheduler = type(sched).from_config(sched.config, num_train_timesteps=500)
+    try:
+        for seed in range(20):
+            ctx.generator.manual_seed(seed)
+            d = compvis_draw(ctx, 10)
+            g = torch.Generator().manual_seed(seed)
+            t_enc = int(torch.randint(0, 10, (1,), generator=g))
+            query = int(torch.randint(50 * t_enc, 50 * t_enc + 50, (1,), generator=g))
+            assert (d["t_enc"], int(d["query"])) == (t_enc, query) and d["query"].dtype == torch.long
+    finally:
+        ctx.models.scheduler = sched

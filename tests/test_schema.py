@@ -49,7 +49,7 @@ def test_every_numeric_field_of_every_schema_has_a_named_range():
     (["model.resolution=0"], "model.resolution must be a positive multiple of 8"),
     (["model.resolution=30"], "model.resolution must be a positive multiple of 8"),
     (["method=sdd", "method.ema_decay=1.5"], "method.ema_decay must be a number in [0, 1), got 1.5"),
-    (["method=salun", "method.mask_threshold=0"], "must be in (0, 1], got 0.0"),
+    (["method=salun", "method.mask_threshold=0"], "method.mask_threshold must be a number in (0, 1], got 0.0"),
     (["method=spm", "method.anchor_scale=[1.2,0.8]"],
      "method.anchor_scale must be two positive numbers [low, high] with low <= high"),
     (["method=spm", "method.transport_power=0"], "method.transport_power must be a positive finite number, got 0.0"),
