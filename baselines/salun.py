@@ -201,15 +201,9 @@ class SalUn(ErasureMethod):
 
     @classmethod
     def validate(cls, cfg: SalUnConfig) -> None:
-        super().validate(cfg)  # mask_threshold in (0, 1], the fraction of UNet weights kept: erasure/schema.py
-        for key in ("batch_size", "mask_batch_size", "num_forget_images", "num_retain_images", "image_steps"):
-            if getattr(cfg, key) < 1:
-                raise UserError(f"method.{key} must be at least 1, got {getattr(cfg, key)}")
-        if not (math.isfinite(cfg.alpha) and cfg.alpha >= 0):
-            raise UserError(f"method.alpha (the retain term's weight) must be a finite number >= 0, got {cfg.alpha}")
-        for key in ("mask_guidance", "image_guidance"):
-            if not math.isfinite(getattr(cfg, key)):
-                raise UserError(f"method.{key} must be a finite number, got {getattr(cfg, key)}")
+        # mask_threshold in (0, 1] (the fraction of UNet weights kept), the counts >= 1, alpha >= 0 and finite
+        # guidance scales: erasure/schema.py's rules (erasure.config.validate applies them after this)
+        super().validate(cfg)
         if cfg.use_mask and cfg.weight_decay != 0:
             raise UserError(f"method.weight_decay must be 0 with the saliency mask (AdamW's decay would move the weights "
                             f"the mask freezes; the official optimizer is Adam without decay), got {cfg.weight_decay}")

@@ -316,6 +316,20 @@ def test_bad_configs_are_refused_in_one_sentence():
     validate(compose_cfg([*base, "method.use_mask=false", "method.weight_decay=0.01"]))  # no mask, nothing to move
 
 
+def test_the_concept_section_needs_pseudo_and_retain_prompts_and_counts_forget_prompts_from_the_targets():
+    """Without ``forget_prompts`` the concept's targets are the forget prompts: two targets take one pseudo prompt or
+    two; a section missing either its pseudo or its retain prompts is refused."""
+    two = ["model=tiny", "concept=nudity", "method=salun", "concept.salun.forget_prompts=[]",
+           "concept.targets=[nudity,nakedness]"]
+    for pseudo in ("[clothes]", "[clothes,a dress]"):
+        validate(compose_cfg([*two, f"concept.salun.pseudo_prompts={pseudo}"]))
+    assert_refused_in_one_sentence([*two, "concept.salun.pseudo_prompts=[a,b,c]"],
+                                   "pseudo_prompts has 3 prompts for 2 forget prompts")
+    for empty in ("pseudo_prompts", "retain_prompts"):
+        assert_refused_in_one_sentence(["model=tiny", "concept=nudity", "method=salun", f"concept.salun.{empty}=[]"],
+                                       "concept 'nudity' has no SalUn data")
+
+
 def test_every_concept_either_runs_salun_or_says_why_not():
     runs = []
     for concept in group_options("concept"):
