@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -329,7 +330,8 @@ def test_sdd_range_edges(override, words):
 @pytest.mark.parametrize("option, words", [
     ({"residual_connection": True}, "residual_connection"), ({"rescale_output_factor": 2.0}, "rescale_output_factor"),
     ({"cross_attention_norm": "layer_norm"}, "norm_cross"), ({"spatial_norm_dim": 8}, "spatial_norm"),
-    ({"norm_num_groups": 4}, "group_norm"), ("mask", "attention_mask"), ("self", "self-attention")])
+    ({"norm_num_groups": 4}, "group_norm"), ("mask", "attention_mask"), ("self", "self-attention"),
+    ("4d", "4-d hidden states")])
 def test_fmn_capture_refuses_attention_options_stable_diffusion_does_not_use(option, words):
     """The capture computes SD's cross-attention (no norm, residual, rescale or mask inside the layer) and names any
     other option instead of computing it half-way; on SD's own layers it equals diffusers' AttnProcessor (above)."""
@@ -344,8 +346,9 @@ def test_fmn_capture_refuses_attention_options_stable_diffusion_does_not_use(opt
     temb = torch.randn(2, 8) if "spatial_norm_dim" in kwargs else None
     call = dict(encoder_hidden_states=None if option == "self" else ctx,
                 attention_mask=torch.zeros(2, 1, 7) if option == "mask" else None)
-    with pytest.raises(UserError, match=words):
-        CapturingAttnProcessor(AttentionRecorder())(attn, x, temb=temb, **call)
+    with pytest.raises(UserError, match=rf"only, not {re.escape(words)}$"):  # the one option, named as written
+        CapturingAttnProcessor(AttentionRecorder())(attn, torch.randn(2, 32, 2, 3) if option == "4d" else x, temb=temb,
+                                                    **call)
     plain = Attention(32, cross_attention_dim=12, heads=2, dim_head=16)
     recorder = AttentionRecorder()
     recorder.active = True
