@@ -224,12 +224,11 @@ def test_bad_timesteps_mode_is_refused_in_one_sentence():
 @pytest.mark.parametrize("steps, words", [(2, None), (1, "method.ddim_steps must be at least 2, got 1")])
 def test_ddim_steps_edge(steps, words):
     """Two DDIM steps are the fewest the CompVis draw can use (the schema's general rule for counts allows 1)."""
-    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=esd", f"method.ddim_steps={steps}"])
+    argv = ["model=tiny", "concept=nudity", "method=esd", f"method.ddim_steps={steps}"]
     if words is None:
-        validate(cfg)
+        validate(compose_cfg(argv))
     else:
-        assert_refused_in_one_sentence(["model=tiny", "concept=nudity", "method=esd", f"method.ddim_steps={steps}"],
-                                       words)
+        assert_refused_in_one_sentence(argv, words)
 
 
 def test_the_query_bin_follows_the_schedulers_own_number_of_timesteps():

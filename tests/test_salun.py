@@ -409,6 +409,7 @@ def test_saliency_sums_low_precision_weights_in_float32_and_gives_unused_weights
     # the second route: the same draws (t then ε per batch of 2, in order) from a copy of the generator
     g = torch.Generator().set_state(before)
     total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    names = [n for n in params if n != "unused_for_the_test"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for start in (0, 2):
             idx = [start, start + 1]
@@ -418,7 +419,6 @@ def test_saliency_sums_low_precision_weights_in_float32_and_gives_unused_weights
             emb = torch.cat([m._embed([m.forget_of[i] for i in idx]), m._embed(["", ""])])
             eps_c, eps_u = student_eps(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), emb).chunk(2)
             loss = -((8.5 * eps_c.float() - 7.5 * eps_u.float() - noise) ** 2).mean()
-            names = [n for n in params if n != "unused_for_the_test"]
             for n, gr in zip(names, torch.autograd.grad(loss, [params[n] for n in names])):
                 total[n] += gr.float()
     for n in low:
