@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from erasure.sampling import ddim_timesteps, eps_all, sample_to_step
+from erasure.sampling import ddim_timesteps, eps_all, sample_along, sample_to_step
 from erasure.teacher import Teacher
 from erasure.params import select_params
 from tests.conftest import compose_cfg
@@ -115,3 +115,49 @@ def test_teacher_precision_must_be_autocast_or_pure(tmp_path):
     cfg = compose_cfg(["model=tiny", "trainer.teacher_precision=half", "trainer.iterations=1", "trainer.preview_every=0"])
     with pytest.raises(UserError, match="teacher_precision=half is not valid"):
         train(cfg, tmp_path / "run")
+
+
+def test_an_extra_term_is_added_to_the_guided_eps_by_hand(tiny_models):
+    """``extra`` (All-but-One's delta) enters the step as eps(∅) + g(eps(c) - eps(∅)) + extra, computed here with the
+    DDIM formula by hand; a step where ``extra`` returns None is plain guidance."""
+    m = tiny_models
+    T, g = 35, 3.0
+    x_T = torch.randn(1, *m.latent_shape, generator=torch.Generator().manual_seed(1))
+    conds = [m.encode_text([""]), m.encode_text(["nudity"]), m.encode_text(["a dress"])]
+    add = 0.3 * torch.randn(1, *m.latent_shape, generator=torch.Generator().manual_seed(2))
+    seen = []
+
+    def extra(i, eps):
+        seen.append((i, [e is not None for e in eps]))
+        return add if i == 0 else None
+
+    z1, _ = sample_to_step(_unet_fn(m.unet), m.scheduler, x_T, conds, 1, T, g, extra=extra)
+    assert seen == [(0, [True, True, True])]  # every condition's eps reaches extra when ``needed`` is not given
+    ts = ddim_timesteps(m.scheduler, T)
+    with torch.no_grad():
+        eu, ec, _ = eps_all(_unet_fn(m.unet), x_T, ts[0], conds)
+    ac = m.scheduler.alphas_cumprod
+    a_t, a_prev = ac[int(ts[0])], ac[int(ts[1])]
+
+    def ddim(x, eps):
+        return a_prev.sqrt() * (x - (1 - a_t).sqrt() * eps) / a_t.sqrt() + (1 - a_prev).sqrt() * eps
+
+    torch.testing.assert_close(z1, ddim(x_T, eu + g * (ec - eu) + add), rtol=1e-4, atol=1e-5)
+    # and the step after returns None: the two-step result is the one-step result stepped with plain guidance
+    z2, _ = sample_to_step(_unet_fn(m.unet), m.scheduler, x_T, conds, 2, T, g, extra=extra)
+    z2_plain_second, _ = sample_along(_unet_fn(m.unet), m.scheduler, z1, conds[:2], [int(ts[1])], [1], T, g)
+    torch.testing.assert_close(z2, z2_plain_second, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_along_checks_its_step_counts(tiny_models):
+    """0 .. len(timesteps) steps are accepted (0 returns x_T at timesteps[0]); a negative count or one past the list
+    is refused."""
+    m = tiny_models
+    x_T = torch.randn(2, *m.latent_shape, generator=torch.Generator().manual_seed(4))
+    conds = [m.encode_text(["", ""]), m.encode_text(["x", "x"])]
+    along = [int(t) for t in ddim_timesteps(m.scheduler, 10)[:3]]
+    z, at = sample_along(_unet_fn(m.unet), m.scheduler, x_T, conds, along, [0, 3], 10, 7.5)
+    assert torch.equal(z[0], x_T[0]) and at.tolist() == [along[0], max(along[2] - 100, 0)]
+    for bad in ([-1, 1], [1, 4]):
+        with pytest.raises(ValueError, match=r"steps_taken must be in \[0, 3\]"):
+            sample_along(_unet_fn(m.unet), m.scheduler, x_T, conds, along, bad, 10, 7.5)
