@@ -158,6 +158,29 @@ def test_sample_along_checks_its_step_counts(tiny_models):
     along = [int(t) for t in ddim_timesteps(m.scheduler, 10)[:3]]
     z, at = sample_along(_unet_fn(m.unet), m.scheduler, x_T, conds, along, [0, 3], 10, 7.5)
     assert torch.equal(z[0], x_T[0]) and at.tolist() == [along[0], max(along[2] - 100, 0)]
+    assert at.dtype == torch.long  # a timestep the UNet and the scheduler index with, not a float
     for bad in ([-1, 1], [1, 4]):
         with pytest.raises(ValueError, match=r"steps_taken must be in \[0, 3\]"):
             sample_along(_unet_fn(m.unet), m.scheduler, x_T, conds, along, bad, 10, 7.5)
+
+
+def test_needed_limits_the_conditions_evaluated_per_step(tiny_models):
+    """``needed(i)`` names the extra conditions read at step i (All-but-One's window): only those reach the UNet, the
+    others arrive at ``extra`` as None."""
+    m = tiny_models
+    x_T = torch.randn(1, *m.latent_shape, generator=torch.Generator().manual_seed(5))
+    conds = [m.encode_text([""]), m.encode_text(["nudity"]), m.encode_text(["a dress"]), m.encode_text(["a coat"])]
+    rows, seen = [], []
+    unet = _unet_fn(m.unet)
+
+    def counting(x, t, e):
+        rows.append(e.shape[0])
+        return unet(x, t, e)
+
+    def extra(i, eps):
+        seen.append([e is not None for e in eps])
+        return None
+
+    sample_to_step(counting, m.scheduler, x_T, conds, 3, 10, 7.5, extra=extra, needed=lambda i: [3] if i == 1 else [])
+    assert sum(rows) == 2 + 3 + 2
+    assert seen == [[True, True, False, False], [True, True, False, True], [True, True, False, False]]
