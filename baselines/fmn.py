@@ -158,11 +158,14 @@ class ForgetMeNot(ErasureMethod):
         concept_ids = tok(self.concept_text, add_special_tokens=False).input_ids
         eot = tok("<|endoftext|>", add_special_tokens=False).input_ids[0]
         self.positions = concept_positions(list(ids), list(concept_ids), eot, cfg.use_pooler)[None]
-        if not self.positions.any():
-            raise UserError(f"the concept text '{self.concept_text}' was not found in the prompt '{self.prompt}'")
+        # the concept's own tokens must be there: with use_pooler the <|endoftext|> positions alone would let a text
+        # cut off at 77 tokens train on padding only
+        if not concept_positions(list(ids), list(concept_ids), eot, use_pooler=False).any():
+            raise UserError(f"the concept text '{self.concept_text}' was not found within the first "
+                            f"{tok.model_max_length} tokens of the prompt '{self.prompt}' (concept.fmn.text)")
         self.emb = ctx.embed([self.prompt])
         ref_prompts = [str(p) for p in (spec.get("reference_prompts") or ctx.concept.targets)]
-        self.latents, _ = generate_latents(ctx, ref_prompts, cfg.num_reference_images, cfg.reference_steps,
+        self.latents, self.reference_prompts = generate_latents(ctx, ref_prompts, cfg.num_reference_images, cfg.reference_steps,
                                            cfg.reference_guidance)
         self.recorder = AttentionRecorder()
         self._order: list[int] = []

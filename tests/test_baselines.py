@@ -15,6 +15,7 @@ from baselines.esd import esd_loss
 from baselines.fmn import concept_positions, resteering_loss
 from baselines.sdd import ema_update, sdd_loss
 from erasure.delta import read_delta
+from erasure.errors import UserError
 from erasure.trainer import train
 from tests.conftest import assert_precheck, assert_refused_in_one_sentence, build_method, compose_cfg
 
@@ -363,8 +364,32 @@ def test_fmn_reads_the_concepts_own_section():
     m, ctx, cfg = build_method(["model=tiny", "concept=circle", "method=fmn", "method.num_reference_images=1",
                                 "concept.fmn.text=circle", "concept.fmn.type=style"])
     assert m.concept_text == "circle" and m.prompt == "a photo in the style of circle"
+    assert m.reference_prompts == ["a red circle"]  # circle.yaml's fmn.reference_prompts, not its targets
     m2, _, _ = build_method(["model=tiny", "concept=nudity", "method=fmn", "method.num_reference_images=1"])
     assert m2.concept_text == "nudity" and m2.prompt == "a photo of nudity" and len(m2.latents) == 1
+    m3, _, _ = build_method(["model=tiny", "concept=circle", "method=fmn", "method.num_reference_images=2",
+                             "~concept.fmn.reference_prompts"])
+    assert m3.reference_prompts == ["a circle", "a circle"] and len(m3.latents) == 2  # no section: the targets
+
+
+def test_fmn_concept_text_must_lie_within_the_77_tokens():
+    """The prompt is cut at the tokenizer's 77 tokens (as the text encoder sees it): a concept text pushed past the
+    cut is refused in one sentence, not trained on positions the attention maps do not have."""
+    long_text = " ".join(["tall"] * 80) + " nudity"
+    with pytest.raises(UserError, match="was not found within the first 77 tokens of the prompt") as err:
+        build_method(["model=tiny", "concept=nudity", "method=fmn", "method.num_reference_images=1",
+                      f"concept.fmn.text='{long_text}'"])
+    assert "\n" not in str(err.value)
+    text = " ".join(["tall"] * 60) + " nudity"  # fits: its tokens end before the 77th
+    m, ctx, _ = build_method(["model=tiny", "concept=nudity", "method=fmn", "method.num_reference_images=1",
+                              f"concept.fmn.text='{text}'"])
+    n = len(ctx.models.tokenizer(text, add_special_tokens=False).input_ids)
+    assert 4 + n < 77 and m.positions.shape == (1, 77)
+    # after <start>, a, photo, of: the concept's n tokens, then (use_pooler, configs/attn.yaml) every <|endoftext|>,
+    # which is also SD's padding token, to the 77th
+    assert m.positions[0].nonzero().flatten().tolist() == list(range(4, 77))
+    ids = ctx.models.tokenizer(m.prompt, padding="max_length", max_length=77).input_ids
+    assert set(ids[4 + n:]) == {ctx.models.tokenizer.eos_token_id} and ids[4 + n - 1] != ids[4 + n]
 
 
 @pytest.mark.parametrize("drop", ["~concept.fmn.type", "~concept.fmn"])
