@@ -81,11 +81,11 @@ def resteering_loss(attention_probs: list[torch.Tensor], positions: torch.Tensor
 
 
 class AttentionRecorder:
-    """Collects cross-attention probabilities while :meth:`recording` is active."""
+    """Collects cross-attention probabilities: :meth:`recording` installs the capturing processors for the duration of
+    a block (and only then), so everything they compute is recorded."""
 
     def __init__(self):
         self.probs: list[torch.Tensor] = []
-        self.active = False
 
     @contextlib.contextmanager
     def recording(self, unet: torch.nn.Module):
@@ -94,12 +94,11 @@ class AttentionRecorder:
         procs = {name: (CapturingAttnProcessor(self) if ".attn2." in name else proc) for name, proc in saved.items()}
         if not any(".attn2." in name for name in saved):
             raise UserError("Forget-Me-Not needs cross-attention layers (attn2) in the UNet; this model has none")
-        self.probs, self.active = [], True
+        self.probs = []
         unet.set_attn_processor(procs)
         try:
             yield self
         finally:
-            self.active = False
             unet.set_attn_processor(saved)
 
 
@@ -125,8 +124,7 @@ class CapturingAttnProcessor:
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probs = attn.get_attention_scores(query, key, None)
-        if self.recorder.active:
-            self.recorder.probs.append(probs)
+        self.recorder.probs.append(probs)
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
         return attn.to_out[1](attn.to_out[0](out))
 

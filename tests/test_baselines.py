@@ -128,7 +128,7 @@ def test_fmn_loss_on_a_real_attention_layer_is_the_sum_over_its_prompts():
     positions = torch.tensor([[False, True, False, False], [False, False, True, True]])
 
     def loss(rows):
-        recorder.probs, recorder.active = [], True
+        recorder.probs = []
         with torch.no_grad():
             attn(x[rows], encoder_hidden_states=context[rows])
         assert recorder.probs[0].shape == (2 * len(rows), 5, 4)
@@ -352,7 +352,6 @@ def test_fmn_capture_refuses_attention_options_stable_diffusion_does_not_use(opt
                                                     **call)
     plain = Attention(32, cross_attention_dim=12, heads=2, dim_head=16)
     recorder = AttentionRecorder()
-    recorder.active = True
     out = CapturingAttnProcessor(recorder)(plain, x, encoder_hidden_states=ctx)
     torch.testing.assert_close(out, plain(x, encoder_hidden_states=ctx))
     assert recorder.probs[0].shape == (4, 5, 7)
