@@ -416,3 +416,54 @@ def test_a_data_folder_is_found_absolute_from_the_working_directory_or_else_in_t
     assert resolve_dir("conf/concept") == ROOT / "conf" / "concept"  # not here: the repository's
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve_dir("~/here") == tmp_path / "here"
+
+
+@pytest.mark.parametrize("square", [True, False])
+def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(square):
+    """Stage 1 on the tiny model against a second route: every prompt encoded alone, E = Σ e eᵀ and H = Σ g eᵀ over the
+    words each erase prompt shares with its mapped prompt (cfr_utils.py l.101-145), P over all 77 positions of the
+    preserved prompts (cache_coco.py), s_t squared or not (cfr_lora_training.py l.309-322); the fusion Grams over
+    every position of the erase prompts; the concept positions: its tokens and, with use_pooler, every
+    <|endoftext|> (dataset.py l.220-243)."""
+    templates = ["a photo of {}", "{} in a painting"]
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0", "trainer.iterations=2",
+                       "concept.mace.concepts=[nudity,naked]", f"+concept.mace.templates={templates}",
+                       "+concept.mace.preserve=[a dog on a bench,a red tree]", "method.data=generate",
+                       "method.use_mask=false", "method.num_images=1", "method.generate_steps=1", "method.lamb=2.0",
+                       "method.train_preserve_scale=0.5", f"method.square_train_preserve_scale={square}"])
+    method_cls, method_cfg = validate(cfg)
+    models = load_models(cfg.model, "cpu")
+    m = Session.create(cfg, models, method_cls, method_cfg).method
+    tok = models.tokenizer
+
+    def alone(text):
+        with torch.no_grad():
+            return models.encode_text([text])[0].double()
+
+    d = next(iter(m.base.values())).shape[1]
+    erase, cross, fusion = torch.zeros(d, d, **F64), torch.zeros(d, d, **F64), []
+    for concept in ["nudity", "naked"]:
+        fuse = torch.zeros(d, d, **F64)
+        for t in templates:
+            old, new = t.format(concept), t.format("a person wearing clothes")
+            po, pn = aligned_positions(tok(old).input_ids, tok(new).input_ids, 77)
+            e, g = alone(old)[po], alone(new)[pn]
+            erase, cross = erase + e.T @ e, cross + g.T @ e
+            fuse = fuse + alone(old).T @ alone(old)
+        fusion.append(fuse)
+    preserve = sum(alone(p).T @ alone(p) for p in ["a dog on a bench", "a red tree"])
+    close = dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m.preserve_gram, preserve, **close)
+    for got, want in zip(m.fusion_grams, fusion, strict=True):
+        torch.testing.assert_close(got, want, **close)
+    s_t = 0.25 if square else 0.5
+    for name, w0 in m.base.items():
+        torch.testing.assert_close(m.refined[name], refine_weight(w0, erase, cross, preserve, 2.0, s_t), **close)
+    assert not torch.allclose(refine_weight(w0, erase, cross, preserve, 2.0, 0.75 - s_t), m.refined[name], **close)
+    for k, concept in enumerate(["nudity", "naked"]):
+        word = tok(concept, add_special_tokens=False).input_ids
+        for j, t in enumerate(templates):
+            ids = tok(t.format(concept), padding="max_length", max_length=77).input_ids
+            at = next(i for i in range(77) if ids[i:i + len(word)] == word)
+            want = [at <= i < at + len(word) or ids[i] == tok.eos_token_id for i in range(77)]
+            assert m.positions[k][j].tolist() == want and ids[0] != tok.eos_token_id
