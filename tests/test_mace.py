@@ -467,3 +467,72 @@ def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(squa
             at = next(i for i in range(77) if ids[i:i + len(word)] == word)
             want = [at <= i < at + len(word) or ids[i] == tok.eos_token_id for i in range(77)]
             assert m.positions[k][j].tolist() == want and ids[0] != tok.eos_token_id
+
+
+@pytest.mark.parametrize("norm", ["imagenet", "symmetric"])
+def test_the_folder_images_are_encoded_normalised_and_scaled_by_a_second_route(tmp_path, norm):
+    """Stage 2 with a folder: each concept's images normalised with ImageNet's mean and std (dataset.py l.173) or to
+    SD's [-1, 1], encoded by the VAE, and the latent distribution's mean and std times the VAE's scaling factor
+    (cfr_lora_training.py l.486-487)."""
+    from baselines.mace import load_concept_folder
+
+    write_folder(tmp_path, ["nudity", "naked"], n=2)
+    cfg = compose_cfg([*TWO, f"method.data_dir={tmp_path}", f"method.image_normalization={norm}"])
+    method_cls, method_cfg = validate(cfg)
+    models = load_models(cfg.model, "cpu")
+    m = Session.create(cfg, models, method_cls, method_cfg).method
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    for k, concept in enumerate(["nudity", "naked"]):
+        images, masks = load_concept_folder(tmp_path, concept, True, models.resolution)
+        x = (images - mean) / std if norm == "imagenet" else 2 * images - 1
+        with torch.no_grad():
+            dist = models.vae.encode(x).latent_dist
+        s = models.vae.config.scaling_factor
+        assert s != 1.0
+        torch.testing.assert_close(m.latent_mean[k], dist.mean * s, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.latent_std[k], dist.std * s, rtol=1e-5, atol=1e-6)
+        assert torch.equal(m.masks[k], masks)
+
+
+def test_each_lora_starts_with_down_drawn_from_the_run_generator_over_the_rank():
+    """diffusers' LoRALinearLayer as MACE uses it (mace_lora_atten_processor.py l.123-124): down ~ N(0, 1/rank²), drawn
+    in order from the run's generator, one set per concept; up = 0."""
+    cfg = compose_cfg([*TWO, "method.rank=2"])
+    method_cls, method_cfg = validate(cfg)
+    models = load_models(cfg.model, "cpu")
+    sets = MACE.build_adapters(method_cfg, models, cfg.concept, torch.Generator().manual_seed(5))
+    again = torch.Generator().manual_seed(5)
+    assert [s.name for s in sets] == ["mace_0", "mace_1"]
+    for s in sets:
+        for adapter in s.modules.values():
+            want = torch.randn(adapter.down.weight.shape, generator=again) / 2
+            assert adapter.down.weight.shape[0] == 2 and torch.equal(adapter.down.weight.detach(), want)
+            assert not adapter.up.weight.any()
+
+
+def test_aligned_positions_edges_by_hand():
+    """A word inserted in either prompt (the suffix walks back to the first differing token, cfr_utils.py l.10-30),
+    the old prompt longer (its padding cut by the shift) and two identical prompts."""
+    sot, eot = 49406, 49407
+    # new has a word more before the shared suffix [5, eot]
+    old, new = aligned_positions([sot, 5, eot], [sot, 7, 5, eot], 6)
+    assert old == [0, 1, 2, 3, 4] and new == [0, 2, 3, 4, 5]
+    old, new = aligned_positions([sot, 7, 5, eot], [sot, 5, eot], 6)
+    assert old == [0, 2, 3, 4, 5] and new == [0, 1, 2, 3, 4]
+    # the old side longer where they differ: shift 1, new's padding is cut at length - 1
+    old, new = aligned_positions([sot, 5, 6, eot], [sot, 7, eot], 6)
+    assert old == [0, 3, 4, 5] and new == [0, 2, 3, 4]
+    old, new = aligned_positions([sot, 5, eot], [sot, 5, eot], 5)
+    assert old == new == [0, 1, 2, 3, 4]
+
+
+def test_attention_map_loss_reads_heads_from_the_batch_rows_and_keeps_mask_values_above_one_half():
+    """Two images × 3 heads on a 2×2 map (6 rows, 4 image positions: the head count comes from the rows and the
+    batch); a mask value of exactly 0.5 is outside (cfr_utils.py l.224-233: > 0.5)."""
+    probs = torch.arange(6 * 4 * 2, **F64).reshape(6, 4, 2) / 48
+    positions = torch.tensor([[False, True], [True, False]])
+    mask = torch.tensor([[[1.0, 0.5], [0.5, 0.5]], [[0.5, 0.5], [0.5, 1.0]]], **F64)
+    want = math.sqrt(sum(probs[h, 0, 1].item() ** 2 for h in range(3)) + sum(probs[h, 3, 0].item() ** 2
+                                                                               for h in range(3, 6)))
+    assert attention_map_loss([probs], positions, mask).item() == pytest.approx(want, rel=1e-12)
