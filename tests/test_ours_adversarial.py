@@ -74,3 +74,28 @@ def test_plain_ours_is_unchanged_by_the_option_being_off():
 def test_bad_adversarial_settings_refused():
     assert_refused_in_one_sentence([*SMALL, "method.adv_every=0"], "method.adv_every must be at least 1")
     assert_refused_in_one_sentence([*SMALL, "method.adv_lr=-1"], "method.adv_lr a positive number")
+
+
+def test_the_attack_reruns_every_adv_every_iterations_warm_started(monkeypatch):
+    """Attacks at iterations 2, 5, 8 (adv_warmup 2, adv_every 3); each after the first starts from the target's last
+    adversarial embeddings, and every attack holds the trained UNet weights frozen (AdvUnlearn's inner loop as the
+    method uses it)."""
+    import erasure.allbutone.ours as ours_module
+
+    sess, _ = session()
+    method = sess.method
+    real, calls, after = ours_module.soft_prompt_attack, [], {}
+
+    def spy(text_encoder, tokenizer, prompt, init, *args, **kwargs):
+        calls.append((method.adv_step, init.detach().clone(), {id(p) for p in kwargs["frozen"]}))
+        return real(text_encoder, tokenizer, prompt, init, *args, **kwargs)
+
+    monkeypatch.setattr(ours_module, "soft_prompt_attack", spy)
+    for step in range(1, 9):
+        method.student_loss(method.teacher_work([method.draw(step)])[0])
+        if 0 in method.adv_prompts:
+            after[step] = method.adv_prompts[0].adv.detach().clone()
+    assert [c[0] for c in calls] == [2, 5, 8]
+    assert torch.equal(calls[1][1], after[4]) and torch.equal(calls[2][1], after[7])  # warm starts
+    assert not torch.equal(after[4], after[5])  # and the attack moved it
+    assert all(c[2] == {id(p) for p in sess.method.ctx.trainable.values()} and c[2] for c in calls)
