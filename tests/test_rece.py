@@ -296,3 +296,13 @@ def test_the_uce_stage_without_the_empty_prompt(rece_tiny):
     with_empty, _ = build(["method=uce", "method.tokens=trailing", "+concept.uce.preserve=['','a cat','a dog']",
                            "method.preserve_scale=0.5"], models)  # "" preserved too: another edit
     assert any(not torch.allclose(got[n], v, atol=1e-6) for n, v in with_empty.closed_form().items())
+
+
+def test_regular_scale_zero_is_allowed_and_a_negative_one_refused():
+    """λ_r = 0 is a valid setting (no ridge; the system may then be singular, which the solve reports); below 0 is
+    refused. Called on the class, not through erasure.config.validate, whose per-process memo would hide it."""
+    from baselines.rece import RECEConfig
+
+    RECE.validate(RECEConfig(regular_scale=0.0))
+    with pytest.raises(UserError, match=r"method.regular_scale must be >= 0, got -0.1"):
+        RECE.validate(RECEConfig(regular_scale=-0.1))

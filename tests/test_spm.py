@@ -416,3 +416,20 @@ def test_without_latent_anchoring_the_loss_is_the_erase_loss():
     plain, anchored = terms(False), terms(True)
     assert set(plain) == {"loss", "erase"} and plain["loss"].equal(plain["erase"])
     assert plain["erase"].item() == anchored["erase"].item()  # the same draws up to the anchors
+
+
+def test_dynamic_resolution_draws_four_to_seven_eighths_of_each_side():
+    """train_util.py l.645-646: each latent side k/8 of the model's, k ~ U{4..7} (randint's upper bound excluded):
+    on the tiny model's 16 x 16 latents every side 2k for k = 4..7 occurs in 200 draws and none other."""
+    from erasure.config import validate
+    from erasure.models import load_models
+    from erasure.session import Session
+
+    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=spm"])
+    method_cls, mcfg = validate(cfg)
+    models = load_models(cfg.model, "cpu")
+    assert models.latent_shape[1:] == (16, 16)
+    m = Session.create(cfg, models, method_cls, mcfg).method
+    shapes = [m.latent_shape() for _ in range(200)]
+    assert {s[0] for s in shapes} == {models.latent_shape[0]}
+    assert {s[1] for s in shapes} == {s[2] for s in shapes} == {8, 10, 12, 14}
