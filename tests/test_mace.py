@@ -536,3 +536,25 @@ def test_attention_map_loss_reads_heads_from_the_batch_rows_and_keeps_mask_value
     want = math.sqrt(sum(probs[h, 0, 1].item() ** 2 for h in range(3)) + sum(probs[h, 3, 0].item() ** 2
                                                                                for h in range(3, 6)))
     assert attention_map_loss([probs], positions, mask).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_generated_images_are_drawn_from_each_concepts_own_prompt(monkeypatch):
+    """data=generate (inference.py l.16-38): num_images per concept from the type's prompt with that concept, mask-free."""
+    import baselines.mace as mace_module
+    from baselines.mace import GENERATION_PROMPTS
+
+    real, asked = mace_module.generate_latents, []
+
+    def spy(ctx, prompts, count, steps, guidance, *args, **kwargs):
+        asked.append((list(prompts), count, steps, guidance))
+        return real(ctx, prompts, count, steps, guidance, *args, **kwargs)
+
+    monkeypatch.setattr(mace_module, "generate_latents", spy)
+    cfg = compose_cfg([*TWO, "method.data=generate", "method.use_mask=false", "method.num_images=2",
+                       "method.generate_steps=1", "method.generate_guidance=3.0"])
+    method_cls, method_cfg = validate(cfg)
+    m = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, method_cfg).method
+    template = GENERATION_PROMPTS["object"]
+    assert asked == [([template.format("nudity")], 2, 1, 3.0), ([template.format("naked")], 2, 1, 3.0)]
+    assert [len(x) for x in m.latent_mean] == [2, 2] and m.masks == [None, None]
+    assert all(not s.any() for s in m.latent_std)
