@@ -558,3 +558,17 @@ def test_generated_images_are_drawn_from_each_concepts_own_prompt(monkeypatch):
     assert asked == [([template.format("nudity")], 2, 1, 3.0), ([template.format("naked")], 2, 1, 3.0)]
     assert [len(x) for x in m.latent_mean] == [2, 2] and m.masks == [None, None]
     assert all(not s.any() for s in m.latent_std)
+
+
+def test_the_image_folder_reads_rgba_images_and_rgb_masks_as_rgb_and_grey(tmp_path):
+    """Masks saved in colour (as segmentation tools often write them) become one grey channel, ITU-R 601 luma as PIL's
+    convert("L"); images with an alpha channel drop it."""
+    from baselines.mace import load_concept_folder
+
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat mask").mkdir()
+    Image.fromarray(np.full((8, 8, 4), (255, 0, 102, 7), np.uint8), "RGBA").save(tmp_path / "cat" / "a.png")
+    Image.fromarray(np.full((8, 8, 3), (255, 255, 255), np.uint8)).save(tmp_path / "cat mask" / "a_mask.png")
+    images, masks = load_concept_folder(tmp_path, "cat", True, 8)
+    assert images.shape == (1, 3, 8, 8) and masks.shape == (1, 8, 8)
+    assert images[0, :, 0, 0].tolist() == pytest.approx([1.0, 0.0, 0.4]) and masks.eq(1).all()
