@@ -226,3 +226,18 @@ def test_a_short_implicit_run_trains_a_plain_student_on_the_reweighted_target(tm
     assert moved_by > 1e-3  # trained by far more than the tolerance below
     for n, p in params.items():
         torch.testing.assert_close(trained[n], p.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("warmup, window, warned", [
+    (3, [0.75, 1.0], False),  # T = 4: window steps 3..4, warm-up 3: step 3, the last the sampler takes, is active
+    (4, [0.75, 1.0], True),   # warm-up 4: no step 0..3 is left
+    (0, [0.25, 0.25], False),  # one step, 1
+])
+def test_a_window_with_no_active_step_is_warned_of(caplog, warmup, window, warned):
+    """The implicit signal reads only at steps s with max(lo, warm-up) <= s <= min(hi, T - 1) (``active``): when no
+    step is left the run is warned that delta is always zero; at the edge it is not."""
+    m, *_ = _method(["concept=circle", "method.signal=implicit", "method.implicit.words=[circle]", "method.T=4",
+                     f"method.warmup={warmup}", f"method.implicit.window={window}"])
+    steps = [s for s in range(4) if m.active(s)]
+    assert (steps == []) == warned
+    assert any("delta is always zero" in r.getMessage() for r in caplog.records) == warned
