@@ -241,3 +241,11 @@ def test_a_window_with_no_active_step_is_warned_of(caplog, warmup, window, warne
     steps = [s for s in range(4) if m.active(s)]
     assert (steps == []) == warned
     assert any("delta is always zero" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_without_words_the_whole_target_is_reweighted():
+    """``method.implicit.words`` null: every token of the target prompt ("a circle": positions 1 and 2) is re-weighted
+    (by the default 0), start and padding are not."""
+    m, *_ = _method(["concept=circle", "method.signal=implicit", "method.implicit.words=null", "method.T=8"])
+    assert m.cfg.implicit.reweight == 0.0
+    assert torch.equal(m.token_weights[0, :4], torch.tensor([1.0, 0.0, 0.0, 1.0]))
