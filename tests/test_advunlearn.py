@@ -382,3 +382,51 @@ def test_with_several_targets_each_attack_runs_on_the_word_drawn_for_its_round(m
     assert seen == [words[w] for w in drawn] and len(set(drawn)) > 1
     rows = encode(models.text_encoder, models.tokenizer, words)
     assert torch.allclose(method.emb_targets.float(), rows, atol=1e-5)  # row w is word w's own embedding
+
+
+def test_retain_prompts_come_from_the_list_then_the_file_found_from_the_repository(tmp_path, monkeypatch):
+    """``advunlearn:`` section: ``retain_prompts`` first, then the ``prompt`` column of ``retain_file`` (the shipped
+    coco_object set, relative to the repository from any working directory, or an absolute path); a missing file, a
+    file without the column, or no prompts at all are refused in one sentence."""
+    from baselines.advunlearn import retain_prompts
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(tmp_path)  # a relative retain_file is the repository's, not the working directory's
+    shipped = compose_cfg(["model=tiny", "concept=nudity", "method=advunlearn"]).concept
+    lines = (ROOT / shipped.advunlearn.retain_file).read_text().splitlines()
+    assert lines[0] == "case_num,source,prompt"
+    want = [line.split(",", 2)[2] for line in lines[1:]]
+    assert len(want) == 243 and want[0] == "a photo of chair"
+    assert retain_prompts(shipped) == want
+
+    own = tmp_path / "own.csv"
+    own.write_text("prompt,note\na red car,x\n\"a dog, sitting\",y\n")
+    concept = compose_cfg(["model=tiny", "concept=nudity", "method=advunlearn", f"concept.advunlearn.retain_file={own}",
+                           "+concept.advunlearn.retain_prompts=[a tree]"]).concept
+    assert retain_prompts(concept) == ["a tree", "a red car", "a dog, sitting"]
+
+    def refused(overrides, words):
+        c = compose_cfg(["model=tiny", "concept=nudity", "method=advunlearn", *overrides]).concept
+        with pytest.raises(UserError, match=words) as err:
+            retain_prompts(c)
+        assert "\n" not in str(err.value)
+
+    refused(["concept.advunlearn.retain_file=data/prompts/train/nothing_here.csv"], "does not exist")
+    (tmp_path / "bad.csv").write_text("text\na red car\n")
+    refused([f"concept.advunlearn.retain_file={tmp_path / 'bad.csv'}"], "has no 'prompt' column")
+    (tmp_path / "empty.csv").write_text("prompt\n")
+    refused([f"concept.advunlearn.retain_file={tmp_path / 'empty.csv'}"], "has no 'prompt' column")
+    refused(["concept.advunlearn.retain_file=null"], "method advunlearn needs retain prompts")
+
+
+def test_attack_rounds_are_counted_and_between_rounds_before_the_first_the_plain_word_is_used():
+    """adv_prompt_update_step 2 with warm-up 1 (AdvUnlearn.py l.74-80): iteration 1 is past the warm-up but draws no
+    attack, so it still unlearns on the plain word; the rounds (checkpointed) count the attacks."""
+    sess, _, _ = session(["method.adv_prompt_update_step=2"])
+    method = sess.method
+    rounds = []
+    for step in range(1, 6):
+        terms = method.training_step(step)
+        rounds.append((method.attack_round, "attack_loss" in terms, method.adv is None))
+    assert rounds == [(0, False, True), (0, False, True), (1, True, False), (1, False, False), (2, True, False)]
+    assert method.state_dict()["attack_round"] == 2
