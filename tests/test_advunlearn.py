@@ -430,3 +430,13 @@ def test_attack_rounds_are_counted_and_between_rounds_before_the_first_the_plain
         rounds.append((method.attack_round, "attack_loss" in terms, method.adv is None))
     assert rounds == [(0, False, True), (0, False, True), (1, True, False), (1, False, False), (2, True, False)]
     assert method.state_dict()["attack_round"] == 2
+
+
+def test_ddim_steps_two_is_the_fewest_accepted():
+    """The attack and the erasing draw sample z along ldm's DDIM schedule, which needs two steps; called on the class
+    (erasure.config.validate memoises what it accepted)."""
+    from baselines.advunlearn import AdvUnlearn, AdvUnlearnConfig
+
+    AdvUnlearn.validate(AdvUnlearnConfig(ddim_steps=2))
+    with pytest.raises(UserError, match="method.ddim_steps must be at least 2, got 1"):
+        AdvUnlearn.validate(AdvUnlearnConfig(ddim_steps=1))

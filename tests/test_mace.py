@@ -418,8 +418,8 @@ def test_a_data_folder_is_found_absolute_from_the_working_directory_or_else_in_t
     assert resolve_dir("~/here") == tmp_path / "here"
 
 
-@pytest.mark.parametrize("square", [True, False])
-def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(square):
+@pytest.mark.parametrize("square, all_words", [(True, False), (False, False), (True, True)])
+def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(square, all_words):
     """Stage 1 on the tiny model against a second route: every prompt encoded alone, E = Σ e eᵀ and H = Σ g eᵀ over the
     words each erase prompt shares with its mapped prompt (cfr_utils.py l.101-145), P over all 77 positions of the
     preserved prompts (cache_coco.py), s_t squared or not (cfr_lora_training.py l.309-322); the fusion Grams over
@@ -430,7 +430,8 @@ def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(squa
                        "concept.mace.concepts=[nudity,naked]", f"+concept.mace.templates={templates}",
                        "+concept.mace.preserve=[a dog on a bench,a red tree]", "method.data=generate",
                        "method.use_mask=false", "method.num_images=1", "method.generate_steps=1", "method.lamb=2.0",
-                       "method.train_preserve_scale=0.5", f"method.square_train_preserve_scale={square}"])
+                       "method.train_preserve_scale=0.5", f"method.square_train_preserve_scale={square}",
+                       f"method.all_words={all_words}"])
     method_cls, method_cfg = validate(cfg)
     models = load_models(cfg.model, "cpu")
     m = Session.create(cfg, models, method_cls, method_cfg).method
@@ -446,7 +447,8 @@ def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(squa
         fuse = torch.zeros(d, d, **F64)
         for t in templates:
             old, new = t.format(concept), t.format("a person wearing clothes")
-            po, pn = aligned_positions(tok(old).input_ids, tok(new).input_ids, 77)
+            po, pn = (list(range(77)),) * 2 if all_words else \
+                aligned_positions(tok(old).input_ids, tok(new).input_ids, 77)  # all_words: every position
             e, g = alone(old)[po], alone(new)[pn]
             erase, cross = erase + e.T @ e, cross + g.T @ e
             fuse = fuse + alone(old).T @ alone(old)
@@ -572,3 +574,14 @@ def test_the_image_folder_reads_rgba_images_and_rgb_masks_as_rgb_and_grey(tmp_pa
     images, masks = load_concept_folder(tmp_path, "cat", True, 8)
     assert images.shape == (1, 3, 8, 8) and masks.shape == (1, 8, 8)
     assert images[0, :, 0, 0].tolist() == pytest.approx([1.0, 0.0, 0.4]) and masks.eq(1).all()
+
+
+def test_without_mace_concepts_the_targets_are_the_concepts():
+    """concept_list: ``mace.concepts``, or else the concept's targets (one LoRA each)."""
+    from baselines.mace import concept_list
+
+    with_section = compose_cfg(["model=tiny", "concept=nudity", "method=mace"]).concept
+    assert concept_list(with_section) == ["nudity", "naked", "erotic", "sexual"]
+    targets_only = compose_cfg(["model=tiny", "concept=nudity", "method=mace", "~concept.mace",
+                                "concept.targets=[nudity,bare skin]"]).concept
+    assert concept_list(targets_only) == ["nudity", "bare skin"]
