@@ -177,7 +177,7 @@ class ProbeCurve(Callback):
 
     def point(self, run: Run, step: int, params, strength: float | None = None) -> None:
         with run.session.autocast():
-            point = self.probe.point(params, self.seeds, base_params=run.session.teacher.params)
+            point = self.probe.point(params, self.seeds, base_params=run.session.teacher.base_params)
         where = {"step": step} if strength is None else {"step": step, "edit_strength": strength}
         with open(self.path, "a") as f:
             f.write(to_json({**where, **point}) + "\n")
@@ -189,7 +189,7 @@ class ProbeCurve(Callback):
     def on_start(self, run: Run) -> None:
         if run.start_step == 1:
             self.path.unlink(missing_ok=True)
-            self.point(run, 0, run.session.teacher.params)
+            self.point(run, 0, run.session.teacher.base_params)
         else:  # resumed: drop curve points written after the checkpoint
             drop_after(self.path, run.start_step)
 
@@ -237,4 +237,4 @@ class FinalProbe(Callback):
 
     def on_end(self, run: Run, summary: dict) -> None:
         with run.session.autocast():
-            summary.update(self.probe.summary(run.session.teacher.params, run.params()))
+            summary.update(self.probe.summary(run.session.teacher.base_params, run.params()))

@@ -15,7 +15,7 @@ import contextlib
 import torch
 from torch.func import functional_call
 
-from .params import split_params
+from .params import TEXT_ENCODER_PREFIX, split_params
 
 
 class Teacher:
@@ -51,6 +51,13 @@ class Teacher:
         if self.text_encoder is None:
             raise ValueError("this teacher has no text encoder: Teacher(..., text_encoder=...)")
         return functional_call(self.text_encoder, self.text_params, (input_ids,))[0].float()
+
+    @property
+    def base_params(self) -> dict[str, torch.Tensor]:
+        """The frozen copies keyed as the trained parameters are (text-encoder ones as ``text_encoder.<name>``): what
+        :func:`erasure.generation.generate` swaps in to draw the base model's images while the trained weights, UNet
+        and text encoder alike, are held in place."""
+        return {**self.params, **{TEXT_ENCODER_PREFIX + n: v for n, v in self.text_params.items()}}
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.params.values()) + sum(p.numel() for p in self.text_params.values())

@@ -440,3 +440,21 @@ def test_ddim_steps_two_is_the_fewest_accepted():
     AdvUnlearn.validate(AdvUnlearnConfig(ddim_steps=2))
     with pytest.raises(UserError, match="method.ddim_steps must be at least 2, got 1"):
         AdvUnlearn.validate(AdvUnlearnConfig(ddim_steps=1))
+
+
+def test_the_teachers_base_params_draw_the_base_model_while_the_text_encoder_is_trained_in_place():
+    """The run's probe draws its 'before' images and the SSIM reference with ``teacher.base_params`` swapped in. For a
+    text-encoder method these must hold the frozen text-encoder copies too: with the UNet's alone the images came
+    from the trained encoder (AdvUnlearn's toy probe read 'before' = 'after' and SSIM 1.0)."""
+    sess, models, _ = session()
+    sampler = Sampler(models.generation_scheduler, steps=2, guidance=7.5, resolution=models.resolution, batch_size=2)
+    base = generate(models, ["a circle"], sampler, seeds=[0])
+    teacher = sess.teacher
+    assert teacher.text_params and set(teacher.base_params) == set(sess.trainable)
+    with torch.no_grad():
+        for p in sess.trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = generate(models, ["a circle"], sampler, seeds=[0])
+    assert not np.array_equal(moved, base)
+    assert np.array_equal(generate(models, ["a circle"], sampler, seeds=[0], params=teacher.base_params), base)
+    assert not np.array_equal(generate(models, ["a circle"], sampler, seeds=[0], params=teacher.params), base)

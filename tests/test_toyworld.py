@@ -164,7 +164,10 @@ def test_probe_with_unchanged_weights_reports_no_change():
     assert out["preserved_accuracy_before"] == out["preserved_accuracy_after"]
 
 
-def test_training_records_the_erasure_curve_and_scales_the_lr(tmp_path):
+@pytest.mark.parametrize("method", [["method.T=6"],
+                                    # a text-encoder method: its base images need the frozen encoder copies too
+                                    ["method=advunlearn", "method.attack_step=2", "method.ddim_steps=4"]])
+def test_training_records_the_erasure_curve_and_scales_the_lr(tmp_path, method):
     """trainer.probe_points writes probe.jsonl (iteration 0 = the base model, measured again by the final probe's
     "before" on the same prompts and seeds: two routes, one number), and model.lr_scale multiplies the method's lr."""
     import json
@@ -172,7 +175,7 @@ def test_training_records_the_erasure_curve_and_scales_the_lr(tmp_path):
     from erasure.trainer import train
     from tests.conftest import compose_cfg
 
-    cfg = compose_cfg(["model=toyworld", "concept=circle", "method.T=6", "trainer.iterations=2",
+    cfg = compose_cfg(["model=toyworld", "concept=circle", *method, "trainer.iterations=2",
                        "trainer.preview_every=0", "trainer.probe_points=2", "trainer.probe_seeds=1",
                        "concept.probe.seeds=1", "model.sample_steps=8"])  # 8 sampling steps: the routes agree at any
     train(cfg, tmp_path)
