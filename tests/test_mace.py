@@ -449,11 +449,12 @@ def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(squa
             old, new = t.format(concept), t.format("a person wearing clothes")
             po, pn = (list(range(77)),) * 2 if all_words else \
                 aligned_positions(tok(old).input_ids, tok(new).input_ids, 77)  # all_words: every position
-            e, g = alone(old)[po], alone(new)[pn]
+            old_emb = alone(old)
+            e, g = old_emb[po], alone(new)[pn]
             erase, cross = erase + e.T @ e, cross + g.T @ e
-            fuse = fuse + alone(old).T @ alone(old)
+            fuse = fuse + old_emb.T @ old_emb
         fusion.append(fuse)
-    preserve = sum(alone(p).T @ alone(p) for p in ["a dog on a bench", "a red tree"])
+    preserve = sum(p.T @ p for p in map(alone, ["a dog on a bench", "a red tree"]))
     close = dict(rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(m.preserve_gram, preserve, **close)
     for got, want in zip(m.fusion_grams, fusion, strict=True):
