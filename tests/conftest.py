@@ -107,6 +107,21 @@ runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
     return proc
 
 
+def build_session(overrides: list[str]):
+    """What ``python -m erasure.train <overrides>`` sets up before its loop, on the CPU: the config composed and
+    validated, the global RNGs seeded as the trainer seeds them, the model loaded and the session (method, trainable
+    weights, teacher, optimizer) created. Returns (session, models, cfg)."""
+    from erasure.config import validate
+    from erasure.models import load_models
+    from erasure.session import Session, seed_everything
+
+    cfg = compose_cfg(overrides)
+    method_cls, method_cfg = validate(cfg)
+    seed_everything(int(cfg.trainer.seed))
+    models = load_models(cfg.model, "cpu")
+    return Session.create(cfg, models, method_cls, method_cfg), models, cfg
+
+
 def build_method(overrides: list[str], generator_seed: int = 0):
     """What erasure.trainer.train sets up before its loop, for unit tests of one method: the config composed from
     ``overrides``, the tiny model, the trainable subset, the frozen teacher and the method. Returns (method, ctx, cfg)."""

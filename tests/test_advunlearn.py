@@ -12,25 +12,19 @@ import torch.nn.functional as F
 
 from baselines.esd import compvis_ddim_timesteps, compvis_steps_taken
 from erasure.adversarial import encode_embeddings, insert_prefix, prompt_ids, soft_prompt_attack
-from erasure.config import validate
 from erasure.delta import apply_delta, read_delta, save_delta
 from erasure.errors import UserError
 from erasure.generation import Sampler, generate
 from erasure.models import load_models, module_fingerprint
 from erasure.sampling import sample_along
-from erasure.session import Session, seed_everything
-from tests.conftest import assert_refused_in_one_sentence, compose_cfg, run_cli
+from tests.conftest import assert_refused_in_one_sentence, build_session, compose_cfg, run_cli
 
 SMALL = ["model=tiny", "concept=circle", "method=advunlearn", "method.ddim_steps=4", "method.attack_step=3",
          "method.warmup_iter=1", "method.retain_batch=2"]
 
 
 def session(extra: list[str] = ()):
-    cfg = compose_cfg([*SMALL, *extra])
-    method_cls, mcfg = validate(cfg)
-    seed_everything(0)
-    models = load_models(cfg.model, "cpu")
-    return Session.create(cfg, models, method_cls, mcfg), models, cfg
+    return build_session([*SMALL, *extra])
 
 
 def base_copies(models):

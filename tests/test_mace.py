@@ -18,9 +18,8 @@ from erasure.config import validate
 from erasure.delta import load_run, read_delta
 from erasure.errors import UserError
 from erasure.models import load_models
-from erasure.session import Session
 from erasure.trainer import train
-from tests.conftest import ROOT, assert_refused_in_one_sentence, compose_cfg, shared_scope
+from tests.conftest import ROOT, assert_refused_in_one_sentence, build_session, compose_cfg, shared_scope
 
 F64 = dict(dtype=torch.float64)
 
@@ -223,9 +222,7 @@ def test_one_lora_per_concept_round_robin_and_the_delta_is_their_fusion(mace_run
     from erasure.checkpoint import list_checkpoints, load_checkpoint
 
     run, data = mace_run
-    cfg = compose_cfg([*TWO, f"method.data_dir={data}", "method.lr=1e-2"])
-    method_cls, method_cfg = validate(cfg)
-    session = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, method_cfg)
+    session, _, _ = build_session([*TWO, f"method.data_dir={data}", "method.lr=1e-2"])
     m = session.method
     before = m.export_params()  # LoRAs still zero: the fusion returns the refined weights
     for name in m.base:
@@ -292,18 +289,14 @@ def test_training_step_against_a_second_route(tmp_path, importance, norm):
     multiplier 1; the loss: attention_map_loss (its own hand tests above) on that prompt's concept positions inside
     the image's mask. The LoRAs are moved off zero first, so that a step with the wrong LoRA, multiplier or mask goes
     red."""
-    from erasure.config import validate
-    from erasure.session import Session, seed_everything
     from tests.test_method_steps import attention_by_hand, generator_copy, noised, randint
 
     concepts = ["nudity", "naked", "nude"]
     write_folder(tmp_path, concepts)
-    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=mace", f"concept.mace.concepts=[{','.join(concepts)}]",
-                       "trainer.iterations=3", f"method.data_dir={tmp_path}",
-                       f"method.importance_sampling={str(importance).lower()}", f"method.loss_norm={norm}"])
-    method_cls, mcfg = validate(cfg)
-    seed_everything(0)
-    sess = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, mcfg)
+    sess, _, cfg = build_session(["model=tiny", "concept=nudity", "method=mace",
+                                  f"concept.mace.concepts=[{','.join(concepts)}]", "trainer.iterations=3",
+                                  f"method.data_dir={tmp_path}", f"method.importance_sampling={str(importance).lower()}",
+                                  f"method.loss_norm={norm}"])
     m = sess.method
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -426,15 +419,14 @@ def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(squa
     every position of the erase prompts; the concept positions: its tokens and, with use_pooler, every
     <|endoftext|> (dataset.py l.220-243)."""
     templates = ["a photo of {}", "{} in a painting"]
-    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0", "trainer.iterations=2",
-                       "concept.mace.concepts=[nudity,naked]", f"+concept.mace.templates={templates}",
-                       "+concept.mace.preserve=[a dog on a bench,a red tree]", "method.data=generate",
-                       "method.use_mask=false", "method.num_images=1", "method.generate_steps=1", "method.lamb=2.0",
-                       "method.train_preserve_scale=0.5", f"method.square_train_preserve_scale={square}",
-                       f"method.all_words={all_words}"])
-    method_cls, method_cfg = validate(cfg)
-    models = load_models(cfg.model, "cpu")
-    m = Session.create(cfg, models, method_cls, method_cfg).method
+    sess, models, cfg = build_session(["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0",
+                                       "trainer.iterations=2", "concept.mace.concepts=[nudity,naked]",
+                                       f"+concept.mace.templates={templates}",
+                                       "+concept.mace.preserve=[a dog on a bench,a red tree]", "method.data=generate",
+                                       "method.use_mask=false", "method.num_images=1", "method.generate_steps=1",
+                                       "method.lamb=2.0", "method.train_preserve_scale=0.5",
+                                       f"method.square_train_preserve_scale={square}", f"method.all_words={all_words}"])
+    m = sess.method
     tok = models.tokenizer
 
     def alone(text):
@@ -480,10 +472,8 @@ def test_the_folder_images_are_encoded_normalised_and_scaled_by_a_second_route(t
     from baselines.mace import load_concept_folder
 
     write_folder(tmp_path, ["nudity", "naked"], n=2)
-    cfg = compose_cfg([*TWO, f"method.data_dir={tmp_path}", f"method.image_normalization={norm}"])
-    method_cls, method_cfg = validate(cfg)
-    models = load_models(cfg.model, "cpu")
-    m = Session.create(cfg, models, method_cls, method_cfg).method
+    sess, models, _ = build_session([*TWO, f"method.data_dir={tmp_path}", f"method.image_normalization={norm}"])
+    m = sess.method
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     for k, concept in enumerate(["nudity", "naked"]):
@@ -553,10 +543,8 @@ def test_generated_images_are_drawn_from_each_concepts_own_prompt(monkeypatch):
         return real(ctx, prompts, count, steps, guidance, *args, **kwargs)
 
     monkeypatch.setattr(mace_module, "generate_latents", spy)
-    cfg = compose_cfg([*TWO, "method.data=generate", "method.use_mask=false", "method.num_images=2",
-                       "method.generate_steps=1", "method.generate_guidance=3.0"])
-    method_cls, method_cfg = validate(cfg)
-    m = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, method_cfg).method
+    m = build_session([*TWO, "method.data=generate", "method.use_mask=false", "method.num_images=2",
+                       "method.generate_steps=1", "method.generate_guidance=3.0"])[0].method
     template = GENERATION_PROMPTS["object"]
     assert asked == [([template.format("nudity")], 2, 1, 3.0), ([template.format("naked")], 2, 1, 3.0)]
     assert [len(x) for x in m.latent_mean] == [2, 2] and m.masks == [None, None]

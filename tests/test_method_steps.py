@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import build_method, compose_cfg
+from tests.conftest import build_method, build_session, compose_cfg
 
 N_TRAIN = 1000  # the tiny model's scheduler: SD v1.4's num_train_timesteps
 # SD v1.4's noise schedule ("scaled_linear", beta 0.00085 .. 0.012), written out
@@ -392,17 +392,10 @@ def hand_adamw(history: list[dict[str, torch.Tensor]], start: dict[str, torch.Te
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_optimizer_settings_reach_adamw_and_two_updates_match_a_hand_adamw_with_clipping(method):
-    from erasure.config import validate
-    from erasure.models import load_models
-    from erasure.session import Session, seed_everything
-
     overrides, clip, adam_eps = METHODS[method]
-    cfg = compose_cfg(["model=tiny", "concept=nudity", *overrides, f"method.lr={LR}",
-                       f"method.adam_betas={list(BETAS)}", f"method.adam_eps={adam_eps}",
-                       f"method.weight_decay={WEIGHT_DECAY}", f"method.grad_clip={clip}"])
-    method_cls, method_cfg = validate(cfg)
-    seed_everything(0)
-    session = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, method_cfg)
+    session = build_session(["model=tiny", "concept=nudity", *overrides, f"method.lr={LR}",
+                             f"method.adam_betas={list(BETAS)}", f"method.adam_eps={adam_eps}",
+                             f"method.weight_decay={WEIGHT_DECAY}", f"method.grad_clip={clip}"])[0]
     (group,) = session.optimizer.param_groups
     assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == \
         (LR, BETAS, adam_eps, WEIGHT_DECAY)

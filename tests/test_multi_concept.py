@@ -11,7 +11,7 @@ from PIL import Image
 from erasure.config import validate
 from erasure.errors import UserError
 from erasure.toyworld import probe, world
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, build_session, compose_cfg
 
 N = 4  # seeds per probe prompt in these tests
 WORDS = {**{w: ("shape", s) for s, ws in world.SHAPE_NOUNS.items() for w in ws},
@@ -158,16 +158,12 @@ def test_mace_concept_templates_are_checked(override, match):
 
 
 def test_mace_uses_each_concept_its_own_templates(tmp_path):
-    from erasure.models import load_models
-    from erasure.session import Session
     from tests.test_mace import write_folder
 
     write_folder(tmp_path, ["nudity", "naked"], n=1)
-    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0",
+    m = build_session(["model=tiny", "concept=nudity", "method=mace", "trainer.preview_every=0",
                        "concept.mace.concepts=[nudity,naked]", "trainer.iterations=2", f"method.data_dir={tmp_path}",
-                       "+concept.mace.concept_templates={naked: ['a {} person', 'a {} body']}"])
-    method_cls, method_cfg = validate(cfg)
-    m = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, method_cfg).method
+                       "+concept.mace.concept_templates={naked: ['a {} person', 'a {} body']}"])[0].method
     assert m.templates[1] == ["a {} person", "a {} body"] and len(m.templates[0]) == 31  # the official object ones
     assert m.prompt_emb[1].shape[0] == 2 and m.positions[1].shape[0] == 2 and m.prompt_emb[0].shape[0] == 31
 

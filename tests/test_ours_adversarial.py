@@ -9,21 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from erasure.adversarial import encode_embeddings
-from erasure.config import validate
-from erasure.models import load_models
-from erasure.session import Session, seed_everything
-from tests.conftest import assert_refused_in_one_sentence, compose_cfg
+from tests.conftest import assert_refused_in_one_sentence, build_session
 
 SMALL = ["model=tiny", "concept=circle", "method=ours", "method.T=4", "method.adversarial=true", "method.adv_steps=3",
          "method.adv_warmup=2", "method.adv_every=3", "lambda=2"]
 
 
 def session(extra=()):
-    cfg = compose_cfg([*SMALL, *extra])
-    method_cls, mcfg = validate(cfg)
-    seed_everything(0)
-    models = load_models(cfg.model, "cpu")
-    return Session.create(cfg, models, method_cls, mcfg), models
+    sess, models, _ = build_session([*SMALL, *extra])
+    return sess, models
 
 
 def test_attack_schedule_and_concept_term_by_hand():

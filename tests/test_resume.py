@@ -67,15 +67,10 @@ def test_parameters_made_non_finite_by_a_step_stop_the_run():
     """An optimizer step that leaves a trained tensor non-finite while the loss was finite (before validation refused
     it, `method.lr=inf` did this and saved a delta of NaNs with exit 0, issue 20) stops the run at that step, naming
     a parameter. The real session on the tiny model, its learning rate set to inf behind validation's back."""
-    from erasure.config import validate
     from erasure.errors import UserError
-    from erasure.models import load_models
-    from erasure.session import Session
-    from tests.conftest import compose_cfg
+    from tests.conftest import build_session
 
-    cfg = compose_cfg(["model=tiny", "concept=nudity", "method.T=4", "trainer.preview_every=0"])
-    method_cls, method_cfg = validate(cfg)
-    session = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, method_cfg)
+    session = build_session(["model=tiny", "concept=nudity", "method.T=4", "trainer.preview_every=0"])[0]
     session.base_lrs = [float("inf")] * len(session.base_lrs)
     with pytest.raises(UserError, match=r"parameter '[^']+' became non-finite at step 1: lower the learning rate"):
         session.step(1)

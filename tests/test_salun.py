@@ -15,10 +15,10 @@ from erasure.config import group_options, validate
 from erasure.delta import read_delta
 from erasure.errors import UserError
 from erasure.models import load_models
-from erasure.session import Session, seed_everything
+from erasure.session import Session
 from erasure.teacher import student_eps
 from erasure.trainer import train
-from tests.conftest import assert_refused_in_one_sentence, build_method, compose_cfg, shared_scope
+from tests.conftest import assert_refused_in_one_sentence, build_method, build_session, compose_cfg, shared_scope
 
 # 4 forget and 4 retain images of 2 sampling steps, batches of 2: the method starts in about a second on the tiny model
 SMALL = ["method.num_forget_images=4", "method.num_retain_images=4", "method.image_steps=2", "method.batch_size=2",
@@ -179,11 +179,7 @@ def test_loss_terms_equal_a_second_route_on_the_same_draws(cache):
 
 
 def test_masked_weights_never_move_through_the_shared_loop_and_the_others_do(cache):
-    cfg = config(cache, ["method.lr=1e-3", "trainer.iterations=3"])
-    method_cls, mcfg = validate(cfg)
-    seed_everything(0)
-    models = load_models(cfg.model, "cpu")
-    session = Session.create(cfg, models, method_cls, mcfg)
+    session = build_session(overrides(cache, ["method.lr=1e-3", "trainer.iterations=3"]))[0]
     masks = session.method.masks
     before = {n: p.detach().clone() for n, p in session.trainable.items()}
     for step in (1, 2, 3):
@@ -200,10 +196,7 @@ def test_masked_weights_never_move_through_the_shared_loop_and_the_others_do(cac
 
 
 def test_without_the_mask_every_weight_moves(cache):
-    cfg = config(cache, ["method.lr=1e-3", "trainer.iterations=2", "method.use_mask=false"])
-    method_cls, mcfg = validate(cfg)
-    seed_everything(0)
-    session = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, mcfg)
+    session = build_session(overrides(cache, ["method.lr=1e-3", "trainer.iterations=2", "method.use_mask=false"]))[0]
     assert session.method.masks == {}
     before = {n: p.detach().clone() for n, p in session.trainable.items()}
     session.step(1)

@@ -18,7 +18,7 @@ from erasure.adapters import attach, attached
 from erasure.delta import load_run, read_delta
 from erasure.generation import default_sampler, generate
 from erasure.trainer import train
-from tests.conftest import assert_precheck, compose_cfg, shared_scope
+from tests.conftest import assert_precheck, build_session, compose_cfg, shared_scope
 
 
 # ---------------------------------------------------------------------------------------------- the membrane
@@ -401,16 +401,10 @@ def test_training_step_against_a_second_route(sampler, query, seed, scale, rows)
 
 def test_without_latent_anchoring_the_loss_is_the_erase_loss():
     """pikachu/prompt.yaml action "erase" (latent_anchoring false): no anchors are drawn, the loss is L_erase."""
-    from erasure.config import validate
-    from erasure.models import load_models
-    from erasure.session import Session, seed_everything
 
     def terms(anchoring: bool):
-        cfg = compose_cfg(["model=tiny", "concept=nudity", "method=spm", "method.ddim_steps=4",
-                           f"method.latent_anchoring={str(anchoring).lower()}"])
-        method_cls, mcfg = validate(cfg)
-        seed_everything(0)
-        sess = Session.create(cfg, load_models(cfg.model, "cpu"), method_cls, mcfg)
+        sess = build_session(["model=tiny", "concept=nudity", "method=spm", "method.ddim_steps=4",
+                              f"method.latent_anchoring={str(anchoring).lower()}"])[0]
         return sess.method.training_step(1)
 
     plain, anchored = terms(False), terms(True)
@@ -421,15 +415,10 @@ def test_without_latent_anchoring_the_loss_is_the_erase_loss():
 def test_dynamic_resolution_draws_four_to_seven_eighths_of_each_side():
     """train_util.py l.645-646: each latent side k/8 of the model's, k ~ U{4..7} (randint's upper bound excluded):
     on the tiny model's 16 x 16 latents every side 2k for k = 4..7 occurs in 200 draws and none other."""
-    from erasure.config import validate
-    from erasure.models import load_models
-    from erasure.session import Session
 
-    cfg = compose_cfg(["model=tiny", "concept=nudity", "method=spm"])
-    method_cls, mcfg = validate(cfg)
-    models = load_models(cfg.model, "cpu")
+    sess, models, _ = build_session(["model=tiny", "concept=nudity", "method=spm"])
     assert models.latent_shape[1:] == (16, 16)
-    m = Session.create(cfg, models, method_cls, mcfg).method
+    m = sess.method
     shapes = [m.latent_shape() for _ in range(200)]
     assert {s[0] for s in shapes} == {models.latent_shape[0]}
     assert {s[1] for s in shapes} == {s[2] for s in shapes} == {8, 10, 12, 14}
