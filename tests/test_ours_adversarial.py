@@ -93,3 +93,47 @@ def test_the_attack_reruns_every_adv_every_iterations_warm_started(monkeypatch):
     assert torch.equal(calls[1][1], after[4]) and torch.equal(calls[2][1], after[7])  # warm starts
     assert not torch.equal(after[4], after[5])  # and the attack moved it
     assert all(c[2] == {id(p) for p in sess.method.ctx.trainable.values()} and c[2] for c in calls)
+
+
+def test_each_target_is_attacked_from_run_generator_words_against_its_own_teacher_prediction(monkeypatch):
+    """Two targets, an attack every iteration: a target's first attack starts from k vocabulary words drawn with the
+    run's generator (``random_prefix`` on a copy of its state taken before the step), and the attack's objective is
+    MSE(eps_student(z_t, t, h), eps*(z_t, t, c_i)) with the teacher on that target's row alone, checked at a fixed
+    encoding h against the base copies."""
+    import erasure.allbutone.ours as ours_module
+    from erasure.adversarial import random_prefix
+
+    sess, models = session(["concept.targets=[a circle,an oval]", "method.adv_warmup=1", "method.adv_every=1",
+                            "method.adv_steps=1"])
+    unet0, te0 = copy.deepcopy(models.unet), copy.deepcopy(models.text_encoder)
+    method, real, calls = sess.method, ours_module.soft_prompt_attack, []
+
+    def spy(text_encoder, tokenizer, prompt, init, steps, lr, loss_fn, **kwargs):
+        calls.append((prompt, init.detach().clone(), loss_fn))
+        return real(text_encoder, tokenizer, prompt, init, steps, lr, loss_fn, **kwargs)
+
+    monkeypatch.setattr(ours_module, "soft_prompt_attack", spy)
+
+    def encode(text):
+        ids = models.tokenizer([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return te0(ids)[0]
+
+    first, checked = {}, set()
+    for step in range(1, 7):
+        work = method.teacher_work([method.draw(step)])[0]
+        state = method.ctx.generator.get_state()
+        method.student_loss(work)
+        prompt, init, loss_fn = calls[-1]
+        assert prompt == method.targets[work["target_index"]]
+        if prompt not in first:  # the first attack of this target: fresh words from the run's generator
+            first[prompt] = init
+            expected = random_prefix(te0, method.cfg.adv_tokens, torch.Generator().set_state(state))
+            assert torch.equal(init, expected)
+        other = "an oval" if prompt == "a circle" else "a circle"
+        with torch.no_grad():  # no optimizer step in this loop: the student is still the base model
+            hand = F.mse_loss(unet0(work["z_t"], work["timestep"], encoder_hidden_states=encode(other)).sample,
+                              unet0(work["z_t"], work["timestep"], encoder_hidden_states=encode(prompt)).sample)
+            assert loss_fn(encode(other)).item() == pytest.approx(hand.item(), rel=1e-5)
+        checked.add(work["target_index"])
+    assert checked == {0, 1} and len(calls) == 6
