@@ -10,6 +10,7 @@ BAD = [
     (["concept.instructions.0.kappa=1.01"], "kappa must be in (0, 1]"),
     (["concept.instructions.1.window=[0.8,0.3]"], "0 <= low <= high <= 1"),
     (["concept.instructions.1.window=[0.2,1.5]"], "0 <= low <= high <= 1"),
+    (["concept.instructions.1.window=[0.2,0.5,0.9]"], "has window [0.2, 0.5, 0.9]: use fractions of T"),
     (["concept.targets=[]"], "has no target text"),
     (["concept.targets=['  ']"], "has no target text"),
     (["trainer.iterations=0"], "iterations must be at least 1"),

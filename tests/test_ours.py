@@ -162,3 +162,83 @@ def test_config_defaults_are_the_papers():
         (200, 1e-5, 1e-8, 7.5, 7.5, 35, 5, 5.0)
     composed = compose_cfg([]).method
     assert composed.lam == 5.0 and composed.T == 35 and composed.iterations == 200
+
+
+def test_delta_subtracts_eps_u_and_reads_its_window_and_warmup_inclusively():
+    """d = eps_i - eps_u with eps_u non-zero (the hand test above has eps_u = 0, where eps_i + eps_u would pass), and
+    the edges: active at steps_taken = warmup and at both ends of the window, idle one step outside."""
+    eps_u = torch.tensor([[[[1.0, 1.0], [-2.0, 0.5]]]])
+    e1 = eps_u + torch.tensor([[[[1.0, -4.0], [2.0, 3.0]]]])  # d = [[1, -4], [2, 3]] as above
+    inst = [dict(guidance=-7.5, kappa=0.5, lo=12, hi=20)]
+    expected = torch.tensor([[[[0.0, 30.0], [0.0, -22.5]]]])  # kappa 0.5 keeps |d| = 4 and 3
+    for steps, warmup in ((12, 12), (20, 5), (16, 16)):
+        torch.testing.assert_close(instruction_delta(steps, eps_u, [e1], inst, warmup=warmup), expected)
+    assert instruction_delta(11, eps_u, [e1], inst, warmup=5) is None
+    assert instruction_delta(21, eps_u, [e1], inst, warmup=5) is None
+    assert instruction_delta(12, eps_u, [e1], inst, warmup=13) is None
+
+
+def test_the_teachers_target_adds_each_instruction_concepts_own_delta_by_hand():
+    """Algorithm 1, line 10 with the nudity concept's three instruction concepts: the guidance target of every drawn
+    iteration is gamma1 (eps_c - eps_u) plus, for each instruction concept k active at that step, g_k d_k
+    percentile_mask(d_k, kappa_k) with d_k = eps_k - eps_u, all epsilons from the base UNet at the work's z_t; the
+    instruction concepts matched to their own epsilons by their text, encoded here."""
+    from erasure.allbutone.ours import AllButOne
+
+    m, models, _, _ = _method(["method.T=8"])
+    unet0 = __import__("copy").deepcopy(models.unet)
+    cfg, insts = m.cfg, m.ctx.concept.instructions
+    assert len(insts) == 3
+
+    def encode(text):
+        ids = models.tokenizer([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        return models.text_encoder(ids)[0]
+
+    draws = [m.draw(s) for s in range(1, 9)]
+    active_seen = 0
+    with torch.no_grad():
+        for d, w in zip(draws, m.teacher_work(draws)):
+            steps = cfg.T - d["t"]
+
+            def eps(text):
+                return unet0(w["z_t"], w["timestep"], encoder_hidden_states=encode(text)).sample
+
+            eps_u = eps("")
+            target = cfg.gamma1 * (eps(m.targets[d["target_index"]]) - eps_u)
+            for inst in insts:
+                lo, hi = resolve_window(inst.window, cfg.T)
+                if steps >= cfg.warmup and lo <= steps <= hi:
+                    dk = eps(inst.text) - eps_u
+                    target = target + inst.guidance * dk * percentile_mask(dk, inst.kappa)
+                    active_seen += 1
+            torch.testing.assert_close(w["guidance_target"], target, rtol=1e-4, atol=1e-4)
+    assert active_seen >= 3 and isinstance(m, AllButOne)
+
+
+@pytest.mark.parametrize("instructions, refusal", [
+    ([{"text": "a", "guidance": 1.0, "kappa": 1.0, "window": [0.0, 1.0]}], None),  # the edges: kappa 1, [0, 1]
+    ([{"text": "a", "guidance": 1.0, "kappa": 0.5, "window": [0.5, 0.5]}], None),  # low = high
+    ([{"text": "a", "guidance": 1.0, "kappa": 0.0, "window": [0.0, 1.0]}], "instruction concept 'a' has kappa 0.0"),
+    ([{"text": "a", "guidance": 1.0, "kappa": 1.5, "window": [0.0, 1.0]}], "kappa must be in \\(0, 1\\]"),
+    ([{"text": "b", "guidance": 1.0, "kappa": 1.0, "window": [0.6, 0.5]}], "instruction concept 'b' has window"),
+    ([{"text": "b", "guidance": 1.0, "kappa": 1.0, "window": [0.5, 1.5]}], "0 <= low <= high <= 1"),
+    ([{"text": "b", "guidance": 1.0, "kappa": 1.0, "window": [-0.1, 0.5]}], "0 <= low <= high <= 1"),
+    ([{"text": "b", "guidance": 1.0, "kappa": 1.0, "window": [0.1, 0.5, 0.9]}], "has window \\[0.1, 0.5, 0.9\\]"),
+    ([{"text": "c", "guidance": 1.0, "window": [0.0, 1.0]}], "invalid concept config at concept.instructions"),
+    ([{"text": "c", "guidance": 1.0, "kappa": 1.0, "colour": "red"}],
+     "invalid concept config at concept.colour: Key 'colour' not in 'Instruction'"),
+])
+def test_the_instruction_concepts_are_checked_against_their_schema_and_ranges(instructions, refusal):
+    """AllButOne.validate_concept called directly (erasure.config.validate memoises whole configs): kappa in (0, 1],
+    the window two fractions 0 <= low <= high <= 1, no unknown or missing key; a concept without instruction
+    concepts is accepted."""
+    from erasure.allbutone.ours import AllButOne
+    from erasure.errors import UserError
+
+    AllButOne.validate_concept({"targets": ["x"]})
+    if refusal is None:
+        AllButOne.validate_concept({"instructions": instructions})
+    else:
+        with pytest.raises(UserError, match=refusal) as err:
+            AllButOne.validate_concept({"instructions": instructions})
+        assert "\n" not in str(err.value)

@@ -178,8 +178,8 @@ class AllButOne(ErasureMethod):
         for inst in check("concept", {"instructions": nodes}, InstructionConcepts, extra_ok=False).instructions:
             if not 0 < float(inst.kappa) <= 1:
                 raise UserError(f"instruction concept '{inst.text}' has kappa {inst.kappa}: kappa must be in (0, 1]")
-            lo, hi = (float(x) for x in inst.window)
-            if len(inst.window) != 2 or not 0 <= lo <= hi <= 1:
+            window = [float(x) for x in inst.window]  # [low, high]: two numbers (checked before they are read)
+            if len(window) != 2 or not 0 <= window[0] <= window[1] <= 1:
                 raise UserError(f"instruction concept '{inst.text}' has window {list(inst.window)}: use fractions of T "
                                 "with 0 <= low <= high <= 1")
 
