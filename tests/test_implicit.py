@@ -249,3 +249,16 @@ def test_without_words_the_whole_target_is_reweighted():
     m, *_ = _method(["concept=circle", "method.signal=implicit", "method.implicit.words=null", "method.T=8"])
     assert m.cfg.implicit.reweight == 0.0
     assert torch.equal(m.token_weights[0, :4], torch.tensor([1.0, 0.0, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("instructions, said", [(None, True), ("[]", False)])
+def test_the_implicit_signal_says_it_leaves_the_concepts_instruction_concepts_unused(caplog, instructions, said):
+    """The circle concept's instruction concepts drive the explicit signal only: with the implicit one the run says
+    they are not used; a concept without them gets no such line."""
+    import logging
+
+    extra = [] if instructions is None else [f"concept.instructions={instructions}"]
+    with caplog.at_level(logging.INFO, logger="erasure.allbutone.ours"):
+        m, *_ = _method([*CIRCLE, *extra])
+    assert m.instructions == []
+    assert any("instruction concepts are not used" in r.getMessage() for r in caplog.records) == said

@@ -137,3 +137,14 @@ def test_each_target_is_attacked_from_run_generator_words_against_its_own_teache
             assert loss_fn(encode(other)).item() == pytest.approx(hand.item(), rel=1e-5)
         checked.add(work["target_index"])
     assert checked == {0, 1} and len(calls) == 6
+
+
+def test_plain_ours_never_attacks():
+    """method.adversarial=false: however many iterations pass the attack's warm-up, no adversarial prompt is made
+    and the loss keeps its two terms."""
+    sess, _ = session(["method.adversarial=false", "method.adv_warmup=1", "method.adv_every=1"])
+    method = sess.method
+    for step in range(1, 4):
+        terms = method.student_loss(method.teacher_work([method.draw(step)])[0])
+        assert set(terms) == {"loss", "concept", "penalty"}
+    assert method.adv_step == 0 and method.adv_prompts == {}

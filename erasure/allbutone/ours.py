@@ -228,7 +228,7 @@ class AllButOne(ErasureMethod):
             log.warning("implicit signal: no step is both in method.implicit.window (steps %d..%d) and after the "
                         "warm-up (%d) with T = %d, so delta is always zero", lo, hi, self.cfg.warmup, self.cfg.T)
         self.reweighted_teacher = p2p.ReweightedEps(lambda: self.ctx.teacher, self.reweighting)
-        if self.instructions or ctx.concept.get("instructions"):
+        if ctx.concept.get("instructions"):  # (self.instructions is filled for the explicit signal only)
             log.info("implicit signal: the concept's instruction concepts are not used")
 
     supports_teacher_bank = True  # Algorithm 1, lines 3-10 use theta* only
