@@ -262,3 +262,14 @@ def test_the_implicit_signal_says_it_leaves_the_concepts_instruction_concepts_un
         m, *_ = _method([*CIRCLE, *extra])
     assert m.instructions == []
     assert any("instruction concepts are not used" in r.getMessage() for r in caplog.records) == said
+
+
+def test_a_target_past_the_77_token_cut_gets_an_equalizer_of_77_weights():
+    """CLIP reads 77 tokens: a target prompt longer than that is cut, and its equalizer has one weight per token read
+    (the words found before the cut re-weighted)."""
+    long = "a circle " + "beside a small red square " * 20
+    m, models, *_ = _method(["concept=circle", f"concept.targets=[{long}]", "method.signal=implicit",
+                             "method.implicit.words=[circle]", "method.T=8"])
+    assert len(models.tokenizer(long).input_ids) > 100
+    assert m.token_weights.shape == (1, 77)
+    assert torch.equal(m.token_weights[0, :4], torch.tensor([1.0, 1.0, 0.0, 1.0]))
