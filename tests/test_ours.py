@@ -242,3 +242,39 @@ def test_the_instruction_concepts_are_checked_against_their_schema_and_ranges(in
         with pytest.raises(UserError, match=refusal) as err:
             AllButOne.validate_concept({"instructions": instructions})
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("settings, refusal", [
+    (dict(lam=0.0, T=2, adv_warmup=0, adv_weight=0.0, adv_lr=1e-6), None),  # every edge that is allowed
+    (dict(lam=0.5), None),
+    (dict(lam=-0.1), "lambda must be >= 0"),
+    (dict(T=1), "method.T \\(DDIM steps\\) must be at least 2, got 1"),
+    (dict(adv_warmup=-1), "method.adv_warmup and method.adv_weight must be 0 or more"),
+    (dict(adv_weight=-0.5), "method.adv_warmup and method.adv_weight must be 0 or more"),
+    (dict(adv_lr=0.0), "method.adv_lr a positive number"),
+    (dict(adv_lr=float("inf")), "method.adv_lr a positive number"),
+])
+def test_the_methods_settings_are_checked_at_their_edges(settings, refusal):
+    """AllButOne.validate called directly (erasure.config.validate memoises whole configs): lambda 0 (no penalty), T 2,
+    no attack warm-up and adv_weight 0 are allowed; one step past each edge is refused."""
+    from erasure.allbutone.ours import AllButOne
+    from erasure.errors import UserError
+
+    cfg = OursConfig(**settings)
+    if refusal is None:
+        AllButOne.validate(cfg)
+    else:
+        with pytest.raises(UserError, match=refusal):
+            AllButOne.validate(cfg)
+
+
+def test_an_instruction_concept_is_evaluated_from_the_first_to_the_last_step_of_its_window():
+    """``active`` (which instruction concepts go through the UNet at a step) reads each window inclusively and
+    nothing before the warm-up (3): T = 8, the first and third windows [0.35, 1] are steps 2..8, the second's
+    [0.5, 0.75] steps 4..6."""
+    m, *_ = _method(["method.T=8", "method.warmup=3", "concept.instructions.1.window=[0.5,0.75]"])
+    assert [(i["lo"], i["hi"]) for i in m.instructions] == [(2, 8), (4, 6), (2, 8)]
+    assert m.active(2) == []  # inside two windows, before the warm-up
+    assert m.active(3) == [2, 4]
+    assert m.active(4) == m.active(6) == [2, 3, 4]
+    assert m.active(7) == m.active(8) == [2, 4]

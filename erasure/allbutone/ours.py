@@ -191,7 +191,7 @@ class AllButOne(ErasureMethod):
         targets = list(concept.targets)
         self.instructions = []
         if cfg.signal == "explicit":
-            for inst in concept.get("instructions", []) or []:
+            for inst in concept.get("instructions") or []:
                 lo, hi = resolve_window(inst.window, cfg.T)
                 self.instructions.append(dict(text=str(inst.text), guidance=float(inst.guidance),
                                               kappa=float(inst.kappa), lo=lo, hi=hi))
