@@ -176,6 +176,9 @@ def test_delta_subtracts_eps_u_and_reads_its_window_and_warmup_inclusively():
     assert instruction_delta(11, eps_u, [e1], inst, warmup=5) is None
     assert instruction_delta(21, eps_u, [e1], inst, warmup=5) is None
     assert instruction_delta(12, eps_u, [e1], inst, warmup=13) is None
+    # an idle instruction concept before an active one is skipped, not the end of the list
+    later = dict(guidance=6.5, kappa=1.0, lo=30, hi=35)
+    torch.testing.assert_close(instruction_delta(12, eps_u, [e1 + 9.0, e1], [later, *inst], warmup=5), expected)
 
 
 def test_the_teachers_target_adds_each_instruction_concepts_own_delta_by_hand():
