@@ -452,3 +452,14 @@ def test_the_teachers_base_params_draw_the_base_model_while_the_text_encoder_is_
     assert not np.array_equal(moved, base)
     assert np.array_equal(generate(models, ["a circle"], sampler, seeds=[0], params=teacher.base_params), base)
     assert not np.array_equal(generate(models, ["a circle"], sampler, seeds=[0], params=teacher.params), base)
+
+
+def test_a_prompt_past_the_77_token_cut_is_cut_to_what_clip_reads():
+    """The student's text ids (retain prompts come from a user's file): a prompt of more than 77 CLIP tokens is cut at
+    77, beside a short one padded to 77, and the cut keeps its start."""
+    sess, models, _ = session()
+    long = "a photo of a cat " + "sitting on a small red chair " * 15
+    ids = sess.method._ids([long, "a circle"])
+    assert len(models.tokenizer(long).input_ids) > 90
+    assert ids.shape == (2, 77)
+    assert ids[0, :5].tolist() == models.tokenizer(long).input_ids[:5]
