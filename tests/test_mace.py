@@ -574,3 +574,27 @@ def test_without_mace_concepts_the_targets_are_the_concepts():
     targets_only = compose_cfg(["model=tiny", "concept=nudity", "method=mace", "~concept.mace",
                                 "concept.targets=[nudity,bare skin]"]).concept
     assert concept_list(targets_only) == ["nudity", "bare skin"]
+
+
+def test_both_image_normalisations_and_loss_norms_are_accepted_and_others_refused():
+    """MACE.validate called on the class (erasure.config.validate memoises whole configs): each documented choice of
+    data, image_normalization and loss_norm passes; any other value is named."""
+    from baselines.mace import MACEConfig
+
+    for key, allowed in (("data", ("folder",)), ("image_normalization", ("imagenet", "symmetric")),
+                         ("loss_norm", ("frobenius", "squared"))):
+        for value in allowed:
+            MACE.validate(MACEConfig(**{key: value}))
+        with pytest.raises(UserError, match=f"method.{key} must be .* got 'other'"):
+            MACE.validate(MACEConfig(**{key: "other"}))
+    MACE.validate(MACEConfig(data="generate", use_mask=False))
+
+
+def test_without_preserve_prompts_the_preserve_gram_is_a_float64_zero():
+    """The stage-1 Grams accumulate in float64 (the closed form solves in float64); without preserved prompts P is
+    the d x d zero of that precision."""
+    m = build_session([*TWO, "method.data=generate", "method.use_mask=false", "method.num_images=1",
+                       "method.generate_steps=1"])[0].method
+    d = next(iter(m.base.values())).shape[1]
+    assert m.preserve_gram.dtype == torch.float64 and m.preserve_gram.shape == (d, d)
+    assert not m.preserve_gram.any()
