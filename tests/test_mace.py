@@ -266,6 +266,7 @@ def test_bad_config_is_refused_in_one_sentence(overrides, match):
 
 @pytest.mark.parametrize("overrides,match", [
     (["params=xattn"], r"MACE edits exactly .*params=xattn selects .*use params=xattn_kv"),
+    (["params=none"], r"MACE edits exactly .*params=none selects 'nothing of attn2.to_k/to_v': use params=xattn_kv"),
     (["trainer.iterations=3"], "trainer.iterations=3 is fewer than the 4 concepts"),
     ([], "MACE needs images of each concept"),
     (["method.data_dir=/nonexistent"], "no folder '/nonexistent/nudity'"),
@@ -411,8 +412,10 @@ def test_a_data_folder_is_found_absolute_from_the_working_directory_or_else_in_t
     assert resolve_dir("~/here") == tmp_path / "here"
 
 
-@pytest.mark.parametrize("square, all_words", [(True, False), (False, False), (True, True)])
-def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(square, all_words):
+@pytest.mark.parametrize("square, all_words, mappings", [
+    (True, False, ["a person wearing clothes"]), (False, False, ["a person wearing clothes"]),
+    (True, True, ["a person wearing clothes"]), (True, False, ["a person wearing clothes", "a clothed statue"])])
+def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(square, all_words, mappings):
     """Stage 1 on the tiny model against a second route: every prompt encoded alone, E = Σ e eᵀ and H = Σ g eᵀ over the
     words each erase prompt shares with its mapped prompt (cfr_utils.py l.101-145), P over all 77 positions of the
     preserved prompts (cache_coco.py), s_t squared or not (cfr_lora_training.py l.309-322); the fusion Grams over
@@ -425,7 +428,8 @@ def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(squa
                                        "+concept.mace.preserve=[a dog on a bench,a red tree]", "method.data=generate",
                                        "method.use_mask=false", "method.num_images=1", "method.generate_steps=1",
                                        "method.lamb=2.0", "method.train_preserve_scale=0.5",
-                                       f"method.square_train_preserve_scale={square}", f"method.all_words={all_words}"])
+                                       f"method.square_train_preserve_scale={square}", f"method.all_words={all_words}",
+                                       f"concept.mace.mappings={mappings}"])
     m = sess.method
     tok = models.tokenizer
 
@@ -435,10 +439,10 @@ def test_the_refinement_is_built_from_the_concept_prompts_by_a_second_route(squa
 
     d = next(iter(m.base.values())).shape[1]
     erase, cross, fusion = torch.zeros(d, d, **F64), torch.zeros(d, d, **F64), []
-    for concept in ["nudity", "naked"]:
+    for concept, mapping in zip(["nudity", "naked"], mappings * 2 if len(mappings) == 1 else mappings):
         fuse = torch.zeros(d, d, **F64)
         for t in templates:
-            old, new = t.format(concept), t.format("a person wearing clothes")
+            old, new = t.format(concept), t.format(mapping)
             po, pn = (list(range(77)),) * 2 if all_words else \
                 aligned_positions(tok(old).input_ids, tok(new).input_ids, 77)  # all_words: every position
             old_emb = alone(old)

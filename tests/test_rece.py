@@ -306,3 +306,24 @@ def test_regular_scale_zero_is_allowed_and_a_negative_one_refused():
     RECE.validate(RECEConfig(regular_scale=0.0))
     with pytest.raises(UserError, match=r"method.regular_scale must be >= 0, got -0.1"):
         RECE.validate(RECEConfig(regular_scale=-0.1))
+
+
+@pytest.mark.parametrize("key", ["preserve_scale", "uce_preserve_scale"])
+def test_a_preserve_scale_of_zero_is_allowed_and_a_negative_one_refused(key):
+    """No preservation term (s_p = 0) is a valid edit, for the re-erasure and for its UCE stage; below 0 is refused."""
+    from baselines.rece import RECEConfig
+
+    RECE.validate(RECEConfig(**{key: 0.0}))
+    with pytest.raises(UserError, match=rf"method.{key} must be >= 0, got -0.5"):
+        RECE.validate(RECEConfig(**{key: -0.5}))
+
+
+@pytest.mark.parametrize("key", ["lamb", "uce_lamb", "erase_scale", "uce_erase_scale"])
+def test_lambda_and_erase_scales_must_be_positive(key):
+    """λ keeps the edit's linear system invertible and s_e = 0 erases nothing: zero is refused, any positive value
+    accepted."""
+    from baselines.rece import RECEConfig
+
+    RECE.validate(RECEConfig(**{key: 1e-3}))
+    with pytest.raises(UserError, match=rf"method.{key} must be > 0"):
+        RECE.validate(RECEConfig(**{key: 0.0}))
