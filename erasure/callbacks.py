@@ -38,6 +38,7 @@ class Run:
     logger: object
     start_step: int  # 1, or the step after a resumed checkpoint's
     iterations: int
+    train_time_s: float = 0.0  # training seconds up to the end of the current step, a resumed checkpoint's included
 
     def params(self) -> dict[str, torch.Tensor]:
         """The weights that make the erased model now (as saved in the delta)."""
@@ -219,7 +220,8 @@ class Checkpoints(Callback):
 
     def on_step(self, run: Run, step: int, record: dict) -> None:
         if step % self.every == 0 and step < run.iterations:
-            save_checkpoint(run.run_dir, step, run.session.state(step), self.keep)
+            # the time so far travels with the state, so a resumed run's summary counts every step's training time
+            save_checkpoint(run.run_dir, step, {**run.session.state(step), "train_time_s": run.train_time_s}, self.keep)
 
 
 @callback

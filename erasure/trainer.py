@@ -133,7 +133,7 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
     session = Session.create(cfg, models, method_cls, method_cfg)
     if checkpoint is None:  # written once set-up succeeded: an error before it leaves only Hydra's log in the folder
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    start_step = 1
+    start_step, before = 1, 0.0  # before: training seconds of the steps a resumed checkpoint covers
     if checkpoint is not None:
         for i, candidate in enumerate(checkpoint):
             try:
@@ -146,6 +146,10 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
                 log.warning("%s; falling back to %s", exc, checkpoint[i + 1].name)
         session.restore(state)
         start_step = done + 1
+        before = state.get("train_time_s")  # None in a checkpoint written before its time was kept with it
+        if before is None:
+            log.warning("checkpoint %s does not hold the training time of its %d steps; summary.json will estimate it "
+                        "from the steps timed now (train_time_estimated)", candidate.name, done)
         log.info("resuming %s from %s (step %d)", run_dir, candidate.name, done)
     logger = make_logger(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_dir)
     iterations = int(tr.iterations)
@@ -170,10 +174,15 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
             logger.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss",) if k in record})
             t0 = time.perf_counter()  # previews, probe points and checkpoints are not training time
+            run.train_time_s = (before or 0.0) + t0 - start - aside  # what a checkpoint of this step keeps
             for cb in callbacks:
                 cb.on_step(run, step, record)
             aside += time.perf_counter() - t0
-    train_time = time.perf_counter() - start - aside
+    timed = iterations - start_step + 1  # the steps this process trained (all of them unless resumed)
+    segment = time.perf_counter() - start - aside
+    s_per_it = segment / timed if timed > 0 else 0.0
+    # a resumed run adds the time its checkpoint kept; a checkpoint without it: the timed steps' rate for every step
+    train_time = s_per_it * iterations if before is None else before + segment
 
     meta = dict(base_model=models.source, base_fingerprint=models.fingerprint,
                 text_encoder_fingerprint=models.text_encoder_fingerprint, model=cfg.model.name,
@@ -182,7 +191,9 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
     params = run.params()
     adapters = described(models.unet, params)  # the placement of the adapter sets whose weights the delta holds
     save_delta(run_dir / "delta.safetensors", params, {**meta, **({"adapters": adapters} if adapters else {})})
-    summary = {**meta, "train_time_s": round(train_time, 3), "s_per_it": round(train_time / iterations, 5),
+    resumed = {} if start_step == 1 else {"resumed_from_step": start_step - 1,
+                                          **({"train_time_estimated": True} if before is None else {})}
+    summary = {**meta, "train_time_s": round(train_time, 3), "s_per_it": round(s_per_it, 5), **resumed,
                "setup_time_s": round(session.setup_time, 3), "trainable_parameters": count(session.trainable),
                "final": {k: v for k, v in record.items() if k != "step"}}
     for cb in callbacks:
@@ -191,5 +202,5 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
     logger.summary({**{k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                     **{f"final/{k}": v for k, v in summary["final"].items()}})
     logger.finish()
-    log.info("done in %.1f s (%.3f s/it); run folder: %s", train_time, train_time / iterations, run_dir)
+    log.info("done in %.1f s (%.3f s/it); run folder: %s", train_time, s_per_it, run_dir)
     return run_dir

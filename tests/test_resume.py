@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from erasure.checkpoint import list_checkpoints
+from erasure.checkpoint import list_checkpoints, load_checkpoint
 from tests.conftest import ROOT, killed_at, run_cli
 
 COMMON = ["model=tiny", "concept=nudity", "trainer.iterations=8", "trainer.checkpoint_every=2",
@@ -33,9 +33,18 @@ def _kill_resume_compare(tmp_path, extra):
     assert not (killed / "delta.safetensors").exists()
     assert 1 <= len(list_checkpoints(killed)) <= 2  # pruned to keep_checkpoints
 
+    done, state = load_checkpoint(list_checkpoints(killed)[-1])
+    before = state["train_time_s"]  # the time of steps 1..done, kept with the checkpoint
+    assert before > 0
+
     r = run_cli(["-m", "erasure.train", f"resume={killed}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert (killed / "delta.safetensors").read_bytes() == (ref / "delta.safetensors").read_bytes()
+    # the summary's time counts every step: the checkpoint's time plus the 8 - done steps timed now, whose rate is
+    # s_per_it (a resumed run once reported the time after its checkpoint as the whole run's)
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["resumed_from_step"] == done and "train_time_estimated" not in summary
+    assert summary["train_time_s"] == pytest.approx(before + summary["s_per_it"] * (8 - done), abs=1e-4 * 8 + 2e-3)
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # no duplicated or missing step after the resume
 
@@ -148,6 +157,10 @@ def test_a_run_folder_from_before_lambda_was_ours_alone_still_resumes(tmp_path):
     assert cfg["lambda"] is None
     cfg["lambda"] = 5.0  # as the old conf/train.yaml wrote it
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    for ckpt in list_checkpoints(run):  # checkpoints of that time kept no config digest (it would refuse the edit)
+        meta = json.loads((ckpt / "state.json").read_text())
+        del meta["config_sha256"]
+        (ckpt / "state.json").write_text(json.dumps(meta))
     r = run_cli(["-m", "erasure.train", f"resume={run}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "never read; resuming without it" in r.stdout + r.stderr
@@ -237,3 +250,24 @@ def test_resume_refuses_a_config_yaml_edited_after_the_last_checkpoint_unless_to
     assert "continuing with the edited config" in r.stderr + r.stdout
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 10)) and untouched != (killed / "config.yaml").read_text()
+
+
+def test_a_checkpoint_without_its_training_time_resumes_with_the_time_estimated(tmp_path):
+    """Checkpoints written before the training time travelled with them still resume; the summary then says that its
+    time is the rate of the steps timed after the checkpoint, over every step (train_time_estimated)."""
+    run = tmp_path / "run"
+    r = run_cli(["-m", "erasure.train", "model=tiny", "concept=nudity", "method.T=4", "trainer.iterations=3",
+                 "trainer.checkpoint_every=1", "trainer.preview_every=0", f"hydra.run.dir={run}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (run / "delta.safetensors").unlink()
+    last = list_checkpoints(run)[-1]
+    assert last.name == "step_000002"
+    meta = json.loads((last / "state.json").read_text())
+    assert meta["state"]["__dict__"].pop("train_time_s") > 0  # as an older checkpoint was written
+    (last / "state.json").write_text(json.dumps(meta))
+    r = run_cli(["-m", "erasure.train", f"resume={run}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "does not hold the training time of its 2 steps" in r.stdout + r.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["train_time_estimated"] is True
+    assert summary["train_time_s"] == pytest.approx(summary["s_per_it"] * 3, abs=3e-5 + 1e-3)
