@@ -38,7 +38,8 @@ class Run:
     logger: object
     start_step: int  # 1, or the step after a resumed checkpoint's
     iterations: int
-    train_time_s: float = 0.0  # training seconds up to the end of the current step, a resumed checkpoint's included
+    train_time_s: float | None = 0.0  # training seconds up to the end of the current step, a resumed checkpoint's
+    # included (None: continued from a checkpoint that did not keep its time)
 
     def params(self) -> dict[str, torch.Tensor]:
         """The weights that make the erased model now (as saved in the delta)."""

@@ -174,7 +174,8 @@ def _train(cfg: DictConfig, run_dir: Path, checkpoint, method_cls, method_cfg) -
             logger.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss",) if k in record})
             t0 = time.perf_counter()  # previews, probe points and checkpoints are not training time
-            run.train_time_s = (before or 0.0) + t0 - start - aside  # what a checkpoint of this step keeps
+            # what a checkpoint of this step keeps; unknown (None) after an old checkpoint, so a second resume estimates too
+            run.train_time_s = None if before is None else before + t0 - start - aside
             for cb in callbacks:
                 cb.on_step(run, step, record)
             aside += time.perf_counter() - t0
