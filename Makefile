@@ -154,7 +154,7 @@ bench-quick: install ## CPU benchmark, reference vs optimized, toy world (under 
 bench: install ## CPU benchmark at the paper's 200 iterations (toy world)
 	$(PY) -m erasure.bench
 
-bench-gpu: ## GPU benchmark on SD v1.4's architecture with random weights (bench/gpu.sh: about 9 minutes on one H100)
+bench-gpu: ## GPU benchmark on SD v1.4's architecture with random weights (bench/gpu.sh: about 12 minutes on one H100; STEPS="1 4" for some steps)
 	bash bench/gpu.sh
 
 .PHONY: test-resume

@@ -25,11 +25,11 @@ import torch
 from . import registry, schema
 from .adapters import is_adapter_parameter
 from .cli import setup_logging
-from .config import compose
-from .errors import exit_on_user_error
+from .config import compose, sdpa_names
+from .errors import UserError, exit_on_user_error
 from .generation import Sampler, generate
 from .models import load_models
-from .session import Session, TeacherBank, seed_everything
+from .session import Session, TeacherBank, sdpa_context, seed_everything
 
 log = logging.getLogger("erasure.bench")
 
@@ -68,6 +68,7 @@ def time_training(models, base_state, overrides: list[str], iterations: int, pro
     cls = registry.get_method(cfg.method.name)
     mcfg = cls.parse_config(cfg.method)
     models.unet.to(torch.float32)  # a previous session may have cast frozen weights to bf16
+    models.unet.to(memory_format=torch.contiguous_format)  # ... or set them channels-last (trainer.channels_last)
     restore_base(models.unet, base_state)
     models.unet.requires_grad_(False)
     seed_everything(int(cfg.trainer.seed))
@@ -219,6 +220,7 @@ class BenchOptions:
     baseline_iterations: int | None = dataclasses.field(default=None, metadata={"rule": schema.or_null(schema.at_least(1))})
     teacher_batch: int | None = dataclasses.field(default=None, metadata={"rule": schema.or_null(schema.at_least(1))})
     generation_images: int | None = dataclasses.field(default=None, metadata={"rule": schema.or_null(schema.at_least(1))})
+    warmup_iterations: int | None = dataclasses.field(default=None, metadata={"rule": schema.or_null(schema.at_least(0))})
     device: str = "auto"
 
 
@@ -235,17 +237,35 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--baseline-iterations", type=int, default=None, help="iterations per mode for other methods")
     ap.add_argument("--teacher-batch", type=int, default=None, help="optimized mode's trainer.teacher_batch (default: = iterations)")
     ap.add_argument("--generation-images", type=int, default=None)
+    ap.add_argument("--warmup-iterations", type=int, default=None,
+                    help="untimed optimized iterations before each method's timed modes (default: one teacher batch on "
+                         "a GPU, whose first calls pay for kernel selection and allocation; 0 on a CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--concept", default=None, help="concept config (default: the train config's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for both modes, e.g. --set trainer.teacher_precision=pure (repeatable)")
     ap.add_argument("--profile", type=Path, default=None, metavar="FILE",
                     help="also profile 8 optimized iterations of each method; operator tables go to FILE (.<method>.txt)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                    help="also time the optimized mode with these space-separated overrides, in the same process and "
+                         "from the same weights, e.g. --variant 'no_cudnn=trainer.sdpa_backends=flash+efficient' "
+                         "(repeatable; reported as a ratio to the plain optimized mode)")
+    ap.add_argument("--generation-sdpa", default="auto", metavar="SPECS",
+                    help="comma-separated trainer.sdpa_backends values to time generation under (default: auto)")
     ap.add_argument("--skip-generation", action="store_true", help="time training only")
     ap.add_argument("--precision-check", action="store_true",
                     help="GPU: relative error of the teacher's epsilon in autocast and pure low precision vs float32")
     args = ap.parse_args(argv)
     schema.check(BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)}), "bench")
+    variants = {}
+    for spec in args.variant:
+        vname, sep, rest = spec.partition("=")
+        if not sep or not vname or not rest.strip():
+            raise UserError(f"--variant '{spec}' is not NAME=OVERRIDES: e.g. --variant 'cl=trainer.channels_last=true'")
+        variants[vname] = rest.split()
+    gen_specs = args.generation_sdpa.split(",")
+    for spec in gen_specs:
+        sdpa_names(spec)
     model = args.model.replace("-", "_")
     methods = args.methods.split(",") if args.methods else registry.available()
     its = args.iterations or (40 if args.quick else 200)
@@ -264,21 +284,35 @@ def main(argv: list[str]) -> dict:
         n = its if name == "ours" else base_its
         tb = args.teacher_batch or n
         ref_n = n if args.reference_iterations is None else min(n, args.reference_iterations)
+        warm = args.warmup_iterations if args.warmup_iterations is not None else \
+            (min(tb, n) if models.device.type == "cuda" else 0)
+        if warm:  # on an H200 the first 100 timed iterations ran at 0.41 s/it, the same again at 0.26 (PERFORMANCE.md)
+            time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={tb}"], warm)
         opt = time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={tb}"], n)
         # --reference-iterations 0: optimized mode only (e.g. comparing variants of it with --set)
         ref = time_training(models, base_state, base + [f"method={name}", "trainer.teacher_batch=1"], ref_n) \
             if ref_n > 0 else dict(s_per_it=float("nan"), peak_rss_mb=0.0)
+        timed = {}
+        for vname, extra in variants.items():  # side by side with `opt`: same process, weights and iterations
+            v = time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={tb}"] + extra, n)
+            timed[vname] = dict(overrides=extra, s_per_it=round(v["s_per_it"], 5),
+                                ratio_to_optimized=round(opt["s_per_it"] / v["s_per_it"], 3),
+                                **({"peak_vram_mb": round(v["peak_vram_mb"], 1)} if "peak_vram_mb" in v else {}))
+            log.info("%s, variant %s (%s): %.4f s/it, %.2fx the plain optimized mode's speed", name, vname,
+                     " ".join(extra), v["s_per_it"], opt["s_per_it"] / v["s_per_it"])
         if args.profile:
             pn = min(8, n)
             time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={pn}"], pn,
                           profile=args.profile.with_suffix(f".{name}.txt"))
-        results[name] = dict(iterations=n, reference_iterations=ref_n, teacher_batch=tb,
+        results[name] = dict(iterations=n, reference_iterations=ref_n, teacher_batch=tb, warmup_iterations=warm,
                              seconds_optimized=round(opt["seconds"], 2), s_per_it_reference=round(ref["s_per_it"], 5),
                              s_per_it_optimized=round(opt["s_per_it"], 5),
                              speedup=round(ref["s_per_it"] / opt["s_per_it"], 2) if ref_n > 0 else None,
                              it_per_s_optimized=round(1 / opt["s_per_it"], 3),
                              batched=opt["batched"], setup_s=round(opt["setup_s"], 2),
                              peak_mem_mb=round(max(ref["peak_rss_mb"], opt["peak_rss_mb"]), 1))
+        if timed:
+            results[name]["variants"] = timed
         if "peak_vram_mb" in opt:
             results[name]["peak_vram_mb"] = round(opt["peak_vram_mb"], 1)
         if "teacher_s_per_it" in opt:
@@ -305,7 +339,17 @@ def main(argv: list[str]) -> dict:
     if models.device.type == "cuda" and models.dtype != torch.float32:
         models.unet.to(models.dtype)  # inference in the model's half precision, as the evaluation does on GPU
     gen_n = args.generation_images or (8 if args.quick else 32)
-    gen = None if args.skip_generation else time_generation(models, gen_n, batch=8, steps=int(cfg0.model.sample_steps))
+    gen = None
+    if not args.skip_generation:
+        for spec in gen_specs:
+            with sdpa_context(spec):
+                g = time_generation(models, gen_n, batch=8, steps=int(cfg0.model.sample_steps))
+            log.info("generation (sdpa_backends=%s): %s", spec, g)
+            if gen is None:
+                gen = g
+            else:
+                gen.setdefault("sdpa", {gen_specs[0]: {k: gen[k] for k in ("plain_images_per_s", "batched_images_per_s")}})
+                gen["sdpa"][spec] = {k: g[k] for k in ("plain_images_per_s", "batched_images_per_s")}
     device = torch.cuda.get_device_name() if models.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     lines = [f"model={model}  device={device}  torch={torch.__version__}  overrides={args.set or 'none'}",
              f"{'method':<10}{'its':>5}{'batch':>6}{'s/it ref':>11}{'s/it opt':>11}{'it/s opt':>10}{'speed-up':>10}"
@@ -328,7 +372,15 @@ def main(argv: list[str]) -> dict:
                          f"+ {r['teacher_rows_per_it_optimized']:.1f} teacher rows x {r['unet_gflop_per_row']:.3f} GFLOP "
                          f"at this CPU's matmul peak of {r['matmul_peak_gflops']:.0f} GFLOP/s); the optimized teacher runs "
                          f"at {r['teacher_floor_s_per_it'] / r['teacher_s_per_it_optimized']:.0%} of that peak")
+    for name in rows:
+        for vname, v in results[name].get("variants", {}).items():
+            lines.append(f"{name}, variant {vname} ({' '.join(v['overrides'])}): {v['s_per_it']:.4f} s/it, "
+                         f"{v['ratio_to_optimized']:.2f}x the optimized mode's speed"
+                         + (f", peak {v['peak_vram_mb']:.0f} MB" if "peak_vram_mb" in v else ""))
     if gen:
+        for spec, g in (gen.get("sdpa") or {}).items():
+            lines.append(f"generation, sdpa_backends={spec}: {g['batched_images_per_s']:.2f} img/s batched, "
+                         f"{g['plain_images_per_s']:.2f} img/s plain")
         lines.append(f"generation: {gen['batched_images_per_s']:.2f} img/s batched (batch {gen['batch']}) vs "
                      f"{gen['plain_images_per_s']:.2f} img/s plain pipeline, one image per call ({gen['ratio']:.2f}x)")
     print("\n".join(lines), flush=True)

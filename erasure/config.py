@@ -46,6 +46,11 @@ class TrainerConfig:
     # `precision`, as diffusers' half-precision inference (faster; CPU ignores it)
     teacher_precision: str = "autocast"
     compile: bool = False  # torch.compile the UNet (nn.Module.compile; GPU, experimental)
+    # How, not what (docs/PERFORMANCE.md measures both on a GPU): the kernels torch's scaled_dot_product_attention
+    # may pick during training, "auto" (PyTorch's own order; cuDNN's first on Hopper) or a "+"-joined subset of
+    # flash, efficient, cudnn, math (torch.nn.attention.SDPBackend), e.g. flash+efficient
+    sdpa_backends: str = "auto"
+    channels_last: bool = False  # the UNet's 4-D weights, and so its convolutions' activations, in NHWC memory format
     checkpoint_every: int = 0  # save a checkpoint every n iterations (0 = never); resume with `resume=<run folder>`
     keep_checkpoints: int = 2  # checkpoints kept (older ones are pruned)
     # erasure curve: the model's probe at n evenly spaced iterations (+ iteration 0) -> probe.jsonl (models with a
@@ -145,6 +150,21 @@ def apply_shortcuts(cfg: DictConfig, method_cls) -> None:
 _validated: dict[str, tuple] = {}  # configs (as YAML) this process has validated -> (method class, method config)
 
 
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")  # trainer.sdpa_backends' names, torch's SDPBackend order
+
+
+def sdpa_names(spec: str) -> list[str]:
+    """``trainer.sdpa_backends``: [] for "auto" (PyTorch's choice), else the named kernels."""
+    if spec == "auto":
+        return []
+    names = spec.split("+")
+    bad = [n for n in names if n not in SDPA_BACKENDS]
+    if bad or not names:
+        raise UserError(f"trainer.sdpa_backends={spec} is not valid: use auto or a '+'-joined subset of "
+                        f"{', '.join(SDPA_BACKENDS)} (e.g. flash+efficient)")
+    return names
+
+
 def validate(cfg: DictConfig):
     """Check the whole config before any model loads; returns (method class, typed method config).
 
@@ -194,6 +214,7 @@ def validate(cfg: DictConfig):
         raise UserError(f"unknown trainer.precision '{tr.precision}': choose auto, float32 or bfloat16")
     if tr.teacher_precision not in ("autocast", "pure"):
         raise UserError(f"trainer.teacher_precision={tr.teacher_precision} is not valid: use autocast or pure")
+    sdpa_names(str(tr.sdpa_backends))  # an unknown kernel name fails here
     if not model.lr_scale > 0:
         raise UserError(f"model.lr_scale must be > 0, got {model.lr_scale}")
     if model.probe:

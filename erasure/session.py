@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from .checkpoint import rng_state, set_rng_state
+from .config import sdpa_names
 from .errors import UserError
 from .method import TrainContext
 from .models import Models, resolve_dtype
@@ -60,6 +61,19 @@ def precision_context(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def sdpa_context(spec: str):
+    """``trainer.sdpa_backends``: "auto" leaves the choice of attention kernel to PyTorch; otherwise only the named
+    kernels may run (torch.nn.attention.sdpa_kernel; the flags are restored on exit)."""
+    names = sdpa_names(spec)
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([kinds[n] for n in names])
 
 
 @dataclasses.dataclass
@@ -113,12 +127,14 @@ class Session:
                                           for n, a in adapters.items()),
                  f", {n_text / 1e6:.2f}M of them in the text encoder" if n_text else "",
                  n_unet / 1e6, teacher.numel() * 4 / 2**20, n_unet * 4 / 2**20)
+        if tr.get("channels_last"):  # NHWC convolutions (GPU tensor cores prefer them; docs/PERFORMANCE.md)
+            models.unet.to(memory_format=torch.channels_last)
         if tr.get("compile"):
             models.unet.compile()  # torch.compile through nn.Module.compile (experimental; GPU)
         ctx = TrainContext(models=models, trainable=trainable, teacher=teacher, concept=cfg.concept, cfg=cfg,
                            generator=generator, adapters=adapters)
         setup_start = time.perf_counter()
-        with precision_context(models.device, precision):
+        with precision_context(models.device, precision), sdpa_context(str(tr.get("sdpa_backends", "auto"))):
             method = method_cls(method_cfg, ctx)  # a method's own preparation (e.g. anchor images) is timed apart
         setup_time = time.perf_counter() - setup_start
         if method.shape == "closed_form":  # one edit (Session.edit), nothing to optimise
@@ -161,8 +177,13 @@ class Session:
             device = self.models.device
             self.step_fn.queue = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in w.items()} for w in state["bank"]]
 
+    @contextlib.contextmanager
     def autocast(self):
-        return precision_context(self.models.device, self.precision)
+        """The training's numerics for model calls: mixed precision, and the attention kernels allowed
+        (trainer.sdpa_backends)."""
+        with precision_context(self.models.device, self.precision), \
+                sdpa_context(str(self.cfg.trainer.get("sdpa_backends", "auto"))):
+            yield
 
     def edit(self) -> dict[str, torch.Tensor]:
         """A closed-form method's one step: its edited parameters (``method.closed_form()``, computed in full precision)

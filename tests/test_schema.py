@@ -139,6 +139,8 @@ def _refused_or_in_range(index, text):
     (["-m", "erasure.bench", "--model", "tiny", "--iterations", "-3"], "bench.iterations must be at least 1"),
     (["-m", "erasure.bench", "--model", "tiny", "--reference-iterations", "-1"], "bench.reference_iterations must be at least 0"),
     (["-m", "erasure.bench", "--model", "tiny", "--device", "tpu"], "bench.device must be auto, cpu, cuda"),
+    (["-m", "erasure.bench", "--model", "tiny", "--variant", "channels_last"], "--variant 'channels_last' is not NAME=OVERRIDES"),
+    (["-m", "erasure.bench", "--model", "tiny", "--generation-sdpa", "auto,fast"], "trainer.sdpa_backends=fast is not valid"),
     (["-m", "erasure.purify", "run=nosuch", "image=nosuch", "guidance=nan"], "purify.guidance must be a finite number, got nan"),
     (["-m", "erasure.purify", "run=nosuch", "image=nosuch", "regen_guidance=inf"], "purify.regen_guidance must be a finite"),
     (["-m", "erasure.purify", "run=nosuch", "image=nosuch", "device=gpu"], "purify.device must be auto, cpu"),
