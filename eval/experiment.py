@@ -153,11 +153,18 @@ def _without_run_keys(config: dict) -> dict:
 
 
 def _saved_config(folder: Path) -> dict | None:
-    """``folder/config.yaml`` as a dict without the start keys, or None when it cannot be read."""
+    """``folder/config.yaml`` as a dict without the start keys, or None when it cannot be read. Trainer keys added
+    after the run was saved take their schema default, which is how that run trained (e.g. trainer.channels_last)."""
     try:
-        return _without_run_keys(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"), resolve=True))
+        saved = _without_run_keys(OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"), resolve=True))
     except Exception:
         return None
+    if isinstance(saved.get("trainer"), dict):
+        from erasure.config import TrainerConfig
+
+        defaults = dataclasses.asdict(TrainerConfig())
+        saved["trainer"] = {**{k: v for k, v in defaults.items() if k not in saved["trainer"]}, **saved["trainer"]}
+    return saved
 
 
 def needs_training(job: TrainJob, reuse: bool) -> bool:

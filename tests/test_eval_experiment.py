@@ -176,6 +176,29 @@ def test_a_finished_run_is_recorded_at_once_and_its_record_stands_in_for_a_lost_
     assert (records / "a" / "summary.json").read_text() == before
 
 
+def test_a_run_saved_before_a_trainer_key_existed_still_stands_for_its_job(tmp_path):
+    """Keys added to the trainer later (trainer.sdpa_backends, trainer.channels_last) are missing from the records and
+    run folders saved before them; those runs trained as the keys' defaults do, so they are still this job's runs
+    (reused, or continued from a checkpoint) and not trained again. A saved run with another value is not."""
+    from omegaconf import OmegaConf
+
+    from erasure.config import validate
+
+    cfg = compose("experiment/table1", [*TINY, f"out={tmp_path}"])
+    job = experiment.train_job(cfg, "ours", tmp_path / "a", "a", [])
+    mine = job.config.copy()
+    validate(mine)
+    saved = OmegaConf.to_container(mine, resolve=True)
+    (tmp_path / "a").mkdir()
+    assert saved["trainer"].pop("sdpa_backends") == "auto" and saved["trainer"].pop("channels_last") is False
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / "a" / "config.yaml")
+    assert experiment.same_run(job)
+    saved["trainer"]["channels_last"] = True
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / "a" / "config.yaml")
+    assert not experiment.same_run(job)
+    assert "sdpa_backends" not in (ROOT / "results/concepts/circle/ours/config.yaml").read_text()  # such records exist
+
+
 def test_a_bad_training_override_stops_before_any_training(tmp_path):
     from erasure.errors import UserError
 
