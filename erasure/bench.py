@@ -286,15 +286,16 @@ def main(argv: list[str]) -> dict:
         ref_n = n if args.reference_iterations is None else min(n, args.reference_iterations)
         warm = args.warmup_iterations if args.warmup_iterations is not None else \
             (min(tb, n) if models.device.type == "cuda" else 0)
+        optimized = base + [f"method={name}", f"trainer.teacher_batch={tb}"]
         if warm:  # on an H200 the first 100 timed iterations ran at 0.41 s/it, the same again at 0.26 (PERFORMANCE.md)
-            time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={tb}"], warm)
-        opt = time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={tb}"], n)
+            time_training(models, base_state, optimized, warm)
+        opt = time_training(models, base_state, optimized, n)
         # --reference-iterations 0: optimized mode only (e.g. comparing variants of it with --set)
         ref = time_training(models, base_state, base + [f"method={name}", "trainer.teacher_batch=1"], ref_n) \
             if ref_n > 0 else dict(s_per_it=float("nan"), peak_rss_mb=0.0)
         timed = {}
         for vname, extra in variants.items():  # side by side with `opt`: same process, weights and iterations
-            v = time_training(models, base_state, base + [f"method={name}", f"trainer.teacher_batch={tb}"] + extra, n)
+            v = time_training(models, base_state, optimized + extra, n)
             timed[vname] = dict(overrides=extra, s_per_it=round(v["s_per_it"], 5),
                                 ratio_to_optimized=round(opt["s_per_it"] / v["s_per_it"], 3),
                                 **({"peak_vram_mb": round(v["peak_vram_mb"], 1)} if "peak_vram_mb" in v else {}))
@@ -341,15 +342,15 @@ def main(argv: list[str]) -> dict:
     gen_n = args.generation_images or (8 if args.quick else 32)
     gen = None
     if not args.skip_generation:
+        by_spec = {}
         for spec in gen_specs:
             with sdpa_context(spec):
-                g = time_generation(models, gen_n, batch=8, steps=int(cfg0.model.sample_steps))
-            log.info("generation (sdpa_backends=%s): %s", spec, g)
-            if gen is None:
-                gen = g
-            else:
-                gen.setdefault("sdpa", {gen_specs[0]: {k: gen[k] for k in ("plain_images_per_s", "batched_images_per_s")}})
-                gen["sdpa"][spec] = {k: g[k] for k in ("plain_images_per_s", "batched_images_per_s")}
+                by_spec[spec] = time_generation(models, gen_n, batch=8, steps=int(cfg0.model.sample_steps))
+            log.info("generation (sdpa_backends=%s): %s", spec, by_spec[spec])
+        gen = dict(by_spec[gen_specs[0]])  # the first setting's figures, and each setting's beside them
+        if len(by_spec) > 1:
+            gen["sdpa"] = {spec: {k: g[k] for k in ("plain_images_per_s", "batched_images_per_s")}
+                           for spec, g in by_spec.items()}
     device = torch.cuda.get_device_name() if models.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     lines = [f"model={model}  device={device}  torch={torch.__version__}  overrides={args.set or 'none'}",
              f"{'method':<10}{'its':>5}{'batch':>6}{'s/it ref':>11}{'s/it opt':>11}{'it/s opt':>10}{'speed-up':>10}"
